@@ -1,0 +1,159 @@
+"""Marconi's knobs, parsed and validated in one place.
+
+In the live server they arrive as the JSON object of SGLang's own
+``--radix-eviction-policy-config`` (the eviction-policy tuning flag), with
+``--radix-cache-backend marconi`` selecting this cache::
+
+    python -m sglang.launch_server ... --radix-cache-backend marconi \
+        --radix-eviction-policy-config '{"alpha": "auto", "window_multiplier": 5}'
+
+An unknown key or a bad value raises :class:`MarconiConfigError` with one line
+naming it, which stops start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping, Optional, Union
+
+DEFAULT_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
+
+VARIANTS = ("marconi", "paper")
+BRANCH_POINT_MODES = ("exact", "grid")
+TUNER_MODES = ("process", "thread", "inline")
+
+
+class MarconiConfigError(ValueError):
+    """A Marconi configuration key or value is invalid (message names it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MarconiConfig:
+    #: Weight of FLOP efficiency against recency; ``None`` = tuned online ("auto").
+    alpha: Optional[float] = None
+    #: Tuning window = window_multiplier x (requests seen before the first eviction).
+    window_multiplier: int = 5
+    #: Candidate α values the tuner replays.
+    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    #: Re-tune every window (True) or once, as the paper did (False).
+    retune: bool = True
+    #: Cost profile: a built-in name, a path to a config.json, or None (use the
+    #: served model's HF config; the paper's 7B profile outside a server).
+    profile: Optional[str] = None
+    #: "exact": checkpoint the branch point at the exact token; "grid": SGLang's
+    #: mamba checkpoint grid (what its extra_buffer prefill can capture).
+    branch_points: str = "exact"
+    #: "marconi" (this project's default: replay distance to the nearest
+    #: ancestor state, node-local bytes) or "paper" (the paper's formulas as
+    #: stated: saved FLOPs from the parent, bytes counting the path's KV).
+    variant: str = "marconi"
+    #: Paper-faithful single byte budget over KV + states (GB); None = SGLang's
+    #: two pools, each budgeted by its own allocator.
+    single_budget_gb: Optional[float] = None
+    #: Where α replays run: "process" (off the scheduler's GIL), "thread", or
+    #: "inline" (synchronous; for tests and deterministic replays).
+    tuner: str = "process"
+    #: Most recent requests a tuning replay uses (bounds tuning cost).
+    tuner_max_requests: int = 2000
+
+    @property
+    def auto_alpha(self) -> bool:
+        return self.alpha is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["alpha"] = "auto" if self.alpha is None else self.alpha
+        d["alpha_grid"] = list(self.alpha_grid)
+        return d
+
+
+_FIELDS = {f.name for f in dataclasses.fields(MarconiConfig)}
+
+
+def _err(key: str, value: Any, why: str) -> MarconiConfigError:
+    return MarconiConfigError(f"marconi config: {key}={value!r} {why}")
+
+
+def _number(key: str, value: Any, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _err(key, value, "is not a number")
+    if not math.isfinite(value) or value < minimum:
+        raise _err(key, value, f"must be a finite number >= {minimum}")
+    return float(value)
+
+
+def _parse_grid(value: Any) -> tuple[float, ...]:
+    key = "alpha_grid"
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) != 3:
+            raise _err(key, value, "must be a list of numbers or 'start:stop:step'")
+        try:
+            start, stop, step = (float(p) for p in parts)
+        except ValueError:
+            raise _err(key, value, "must be a list of numbers or 'start:stop:step'") from None
+        if step <= 0 or stop < start or start < 0:
+            raise _err(key, value, "needs 0 <= start <= stop and step > 0")
+        n = int(math.floor((stop - start) / step + 1e-9)) + 1
+        grid = [round(start + i * step, 10) for i in range(n)]
+    elif isinstance(value, (list, tuple)):
+        grid = [_number(key, v) for v in value]
+    else:
+        raise _err(key, value, "must be a list of numbers or 'start:stop:step'")
+    if not grid:
+        raise _err(key, value, "is empty")
+    return tuple(sorted(set(grid)))
+
+
+def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> MarconiConfig:
+    """Parse a dict, a JSON string, or None (defaults) into a validated config."""
+    if raw is None:
+        return MarconiConfig()
+    if isinstance(raw, MarconiConfig):
+        return raw
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError as e:
+            raise MarconiConfigError(f"marconi config: not valid JSON ({e.msg} at char {e.pos}): {raw!r}") from None
+    if not isinstance(raw, Mapping):
+        raise MarconiConfigError(f"marconi config: expected a JSON object, got {type(raw).__name__} {raw!r}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _FIELDS:
+            raise MarconiConfigError(
+                f"marconi config: unknown key {key!r} (known keys: {', '.join(sorted(_FIELDS))})"
+            )
+        if key == "alpha":
+            out[key] = None if value == "auto" else _number(key, value)
+        elif key == "window_multiplier" or key == "tuner_max_requests":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _err(key, value, "must be an integer >= 1")
+            out[key] = value
+        elif key == "alpha_grid":
+            out[key] = _parse_grid(value)
+        elif key == "retune":
+            if not isinstance(value, bool):
+                raise _err(key, value, "must be true or false")
+            out[key] = value
+        elif key == "profile":
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise _err(key, value, "must be a built-in profile name or a path to config.json")
+            out[key] = value
+        elif key == "branch_points":
+            if value not in BRANCH_POINT_MODES:
+                raise _err(key, value, f"must be one of {', '.join(BRANCH_POINT_MODES)}")
+            out[key] = value
+        elif key == "variant":
+            if value not in VARIANTS:
+                raise _err(key, value, f"must be one of {', '.join(VARIANTS)}")
+            out[key] = value
+        elif key == "single_budget_gb":
+            out[key] = None if value is None else _number(key, value, minimum=1e-9)
+        elif key == "tuner":
+            if value not in TUNER_MODES:
+                raise _err(key, value, f"must be one of {', '.join(TUNER_MODES)}")
+            out[key] = value
+    return MarconiConfig(**out)

@@ -1,0 +1,148 @@
+"""Online α tuning by replaying recent requests.
+
+Timeline (paper §4.3, with continuous re-tuning added):
+
+* α = 0 (pure recency) until the first eviction; N0 = requests seen by then.
+* Every W = m · N0 requests (m = ``window_multiplier``, default 5), the last
+  W requests are replayed once per α in the grid on a fresh, tensor-free copy
+  of the cache (same slot counts, same policy code) and the α that saves the
+  most prefill FLOPs over the window wins. Ties go to the smaller α.
+* The paper tunes once; by default this re-tunes every window (``retune``).
+
+Replay start state: the first window starts at the trace's first request, so
+replaying it from an empty cache is exact. Later windows replay the previous
+window first as warm-up (uncounted) instead of snapshotting the live tree: the
+live tree's contents are a function of recent requests, and this keeps the
+tuner free of any access to live tree state from another thread or process.
+
+Tuning never runs on the caller's thread unless ``tuner="inline"``: jobs go to
+a one-worker process pool (``"process"``, default: no GIL contention with the
+scheduler) or thread pool, and :meth:`AlphaTuner.poll` swaps the new α in when
+the job is done. At most one job is in flight; a window that comes due while
+one runs is skipped and logged.
+
+This module does not import SGLang: the replay itself is injected as a
+picklable ``replay_fn(spec, warmup, window, alphas) -> {alpha: flops_saved}``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from .config import MarconiConfig
+
+logger = logging.getLogger(__name__)
+
+RequestRecord = tuple[tuple[int, ...], tuple[int, ...]]  # (input ids, output ids)
+ReplayFn = Callable[[Any, Sequence[RequestRecord], Sequence[RequestRecord], Sequence[float]], dict]
+
+
+def best_alpha(scores: dict[float, float]) -> float:
+    """α with the most FLOPs saved; ties go to the smaller α."""
+    return min(scores, key=lambda a: (-scores[a], a))
+
+
+@dataclass
+class TuningEvent:
+    at_request: int
+    window: int
+    alpha: float
+    scores: dict[float, float] = field(default_factory=dict)
+
+
+class AlphaTuner:
+    def __init__(self, config: MarconiConfig, replay_fn: ReplayFn, spec: Any):
+        self.config = config
+        self.replay_fn = replay_fn
+        self.spec = spec
+        self.fixed = config.alpha is not None
+        self.alpha: float = config.alpha if config.alpha is not None else 0.0
+        self.requests_seen = 0
+        self.n0: Optional[int] = None
+        self.next_tune_at: Optional[int] = None
+        self._log: deque[RequestRecord] = deque(maxlen=2 * config.tuner_max_requests)
+        self._future: Optional[cf.Future] = None
+        self._future_meta: Optional[tuple[int, int]] = None
+        self._executor: Optional[cf.Executor] = None
+        self.events: list[TuningEvent] = []
+        self.skipped_windows = 0
+
+    # -- inputs from the cache --------------------------------------------
+    @property
+    def window(self) -> Optional[int]:
+        return None if self.n0 is None else self.config.window_multiplier * self.n0
+
+    def on_eviction(self) -> None:
+        if self.fixed or self.n0 is not None:
+            return
+        self.n0 = max(1, self.requests_seen)
+        self.next_tune_at = self.window
+        logger.info("marconi: first eviction after %d requests; tuning window W=%d", self.n0, self.window)
+
+    def on_request_finished(self, input_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        self.requests_seen += 1
+        if self.fixed:
+            return
+        self._log.append((tuple(input_ids), tuple(output_ids)))
+        self.poll()
+        if self.next_tune_at is not None and self.requests_seen >= self.next_tune_at:
+            self._launch()
+            self.next_tune_at = (self.requests_seen + self.window) if self.config.retune else None
+
+    # -- tuning jobs --------------------------------------------------------
+    def _launch(self) -> None:
+        if self._future is not None and not self._future.done():
+            self.skipped_windows += 1
+            logger.warning("marconi: α tuning still running at request %d; skipping this window", self.requests_seen)
+            return
+        w = min(self.window, self.config.tuner_max_requests)
+        log = list(self._log)
+        window = log[-w:]
+        warmup = log[-2 * w : -w] if len(self.events) > 0 or self.skipped_windows else []
+        alphas = list(self.config.alpha_grid)
+        meta = (self.requests_seen, len(window))
+        if self.config.tuner == "inline":
+            self._finish(meta, self.replay_fn(self.spec, warmup, window, alphas))
+            return
+        if self._executor is None:
+            if self.config.tuner == "process":
+                self._executor = cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            else:
+                self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="marconi-tuner")
+        self._future = self._executor.submit(self.replay_fn, self.spec, warmup, window, alphas)
+        self._future_meta = meta
+
+    def _finish(self, meta: tuple[int, int], scores: dict[float, float]) -> None:
+        new_alpha = best_alpha(scores)
+        self.events.append(TuningEvent(at_request=meta[0], window=meta[1], alpha=new_alpha, scores=dict(scores)))
+        logger.info("marconi: α %.2f -> %.2f (window of %d requests ending at %d)", self.alpha, new_alpha, meta[1], meta[0])
+        self.alpha = new_alpha
+
+    def poll(self) -> None:
+        """Swap in the result of a finished tuning job (non-blocking)."""
+        f = self._future
+        if f is None or not f.done():
+            return
+        self._future = None
+        try:
+            scores = f.result()
+        except Exception:  # a failed replay keeps the current α; the server keeps serving
+            logger.exception("marconi: α tuning replay failed; keeping α=%.2f", self.alpha)
+            return
+        self._finish(self._future_meta, scores)
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Block until the in-flight job (if any) is done and applied (tests, replays)."""
+        if self._future is not None:
+            cf.wait([self._future], timeout=timeout)
+            self.poll()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None

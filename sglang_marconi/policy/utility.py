@@ -1,0 +1,138 @@
+"""Marconi's eviction utility and the priority queue that serves it.
+
+    S(n) = norm(recency(n)) + α · norm(efficiency(n))
+    recency(n)    = 1 / (now − last_access(n))            (logical clock)
+    efficiency(n) = FLOPs a hit on n saves / bytes n holds (cost model)
+
+``norm`` is min–max over the current candidate set (all ones when the set has
+one member or all values are equal), and the candidate with the smallest S is
+evicted first.
+
+Normalization and cost: the paper's simulator rescores every candidate after
+every eviction (O(N) per evicted entry, O(N²) per eviction call). Here an
+eviction *call* takes one snapshot: it scores the N candidates once, computes
+the min/max bounds from that snapshot, and heapifies (O(N)); each evicted
+entry then costs O(log N). The bounds stay frozen for the rest of the call, so
+they are exact for every candidate present at the start. A node that becomes a
+candidate during the call (a parent whose last child was just evicted) is
+scored against the frozen bounds with its normalized terms clamped to [0, 1]:
+its score is off by at most the amount its raw value lies outside the
+snapshot's range, it can only be pushed toward the ends it already belongs to,
+and it is rescored exactly at the next call. Every evicted entry's recency and
+efficiency are computed at the same logical instant, as in the paper, because
+the clock advances once per eviction call. SGLang's own full-KV eviction pays
+the same O(N) heapify per call.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterable, Optional
+
+
+@dataclass
+class Candidate:
+    """One evictable entry as the policy sees it (no tensors, no tree)."""
+
+    key: Hashable
+    last_access: float
+    flops_saved: float
+    nbytes: int
+
+    @property
+    def efficiency(self) -> float:
+        return self.flops_saved / self.nbytes if self.nbytes > 0 else 0.0
+
+
+def recency(last_access: float, now: float) -> float:
+    """1 / (now − last_access); the clock runs ahead of every stamp by ≥ 1."""
+    return 1.0 / max(now - last_access, 1.0)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    r_min: float
+    r_max: float
+    e_min: float
+    e_max: float
+
+    @staticmethod
+    def of(rs: Iterable[float], es: Iterable[float]) -> "Bounds":
+        rs, es = list(rs), list(es)
+        return Bounds(min(rs), max(rs), min(es), max(es))
+
+
+def _norm(x: float, lo: float, hi: float) -> float:
+    if hi <= lo:
+        return 1.0
+    return min(max((x - lo) / (hi - lo), 0.0), 1.0)
+
+
+def utility(r: float, e: float, alpha: float, b: Bounds) -> float:
+    return _norm(r, b.r_min, b.r_max) + alpha * _norm(e, b.e_min, b.e_max)
+
+
+def utilities(cands: list[Candidate], alpha: float, now: float) -> list[float]:
+    """Exact utilities of a candidate set (min–max over exactly these candidates)."""
+    if not cands:
+        return []
+    rs = [recency(c.last_access, now) for c in cands]
+    es = [c.efficiency for c in cands]
+    b = Bounds.of(rs, es)
+    return [utility(r, e, alpha, b) for r, e in zip(rs, es)]
+
+
+class EvictionQueue:
+    """Min-heap of candidates by utility, bounds frozen at construction.
+
+    Ties break by older last access, then by insertion order, so the order is
+    deterministic for equal scores.
+    """
+
+    def __init__(self, cands: list[Candidate], alpha: float, now: float):
+        self.alpha = alpha
+        self.now = now
+        self._seq = itertools.count()
+        if cands:
+            rs = [recency(c.last_access, now) for c in cands]
+            es = [c.efficiency for c in cands]
+            self.bounds: Optional[Bounds] = Bounds.of(rs, es)
+            self._heap = [
+                (utility(r, e, alpha, self.bounds), c.last_access, next(self._seq), c)
+                for r, e, c in zip(rs, es, cands)
+            ]
+            heapq.heapify(self._heap)
+        else:
+            self.bounds = None
+            self._heap = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def score(self, c: Candidate) -> float:
+        r, e = recency(c.last_access, self.now), c.efficiency
+        if self.bounds is None:
+            return 1.0 + self.alpha
+        return utility(r, e, self.alpha, self.bounds)
+
+    def push(self, c: Candidate) -> None:
+        heapq.heappush(self._heap, (self.score(c), c.last_access, next(self._seq), c))
+
+    def pop(self) -> Optional[Candidate]:
+        if not self._heap:
+            return None
+        return heapq.heappop(self._heap)[3]
+
+    def peek_score(self) -> Optional[float]:
+        return self._heap[0][0] if self._heap else None
+
+
+def argmin_utility(cands: list[Candidate], alpha: float, now: float) -> Optional[Any]:
+    """Key of the candidate the paper's rule evicts next (exact, O(N))."""
+    if not cands:
+        return None
+    scores = utilities(cands, alpha, now)
+    best = min(range(len(cands)), key=lambda i: (scores[i], cands[i].last_access, i))
+    return cands[best].key

@@ -1,0 +1,132 @@
+"""``MarconiRadixCache``: SGLang's UnifiedRadixCache with Marconi's components.
+
+The tree, the pools, locking, splitting and the controller are SGLang's; the
+FULL and MAMBA components are replaced (``components.py``) and a
+:class:`~sglang_marconi.sglang_backend.state.MarconiState` carries the policy
+state. Custom components run on SGLang's Python tree core (its Rust core only
+hosts the built-in components).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
+from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+from ..policy.admission import AdmissionReason
+from ..policy.config import MarconiConfig
+from ..policy.tuner import AlphaTuner
+from ..policy.utility import EvictionQueue
+from .components import MarconiFullComponent, MarconiMambaComponent
+from .state import MarconiState
+
+logger = logging.getLogger("sglang_marconi")
+
+GB = 1e9
+
+
+class MarconiRadixCache(UnifiedRadixCache):
+    def __init__(self, params, *, config: MarconiConfig, profile, tuner_spec=None):
+        if ComponentType.MAMBA not in (params.tree_components or ()):
+            raise ValueError(
+                "--radix-cache-backend marconi caches SSM states of hybrid models; "
+                f"this model's tree components are {params.tree_components}"
+            )
+        if params.enable_session_radix_cache:
+            raise ValueError("--radix-cache-backend marconi does not support --enable-session-radix-cache yet")
+        override = dict(params.component_registry_override or {})
+        override[ComponentType.FULL] = MarconiFullComponent
+        override[ComponentType.MAMBA] = MarconiMambaComponent
+        params = dataclasses.replace(
+            params,
+            component_registry_override=override,
+            eviction_policy="lru",
+            eviction_policy_config=None,
+            tree_core_backend="python",
+        )
+        tuner = None
+        if config.auto_alpha:
+            from .tuning import replay_alphas
+
+            tuner = AlphaTuner(config, replay_alphas, tuner_spec)
+        self.marconi = MarconiState(config, profile, tuner)
+        super().__init__(params)
+        self.marconi.root = self.tree_core.root_node
+
+    # -- live scheduler hook: feed finished requests to the α tuner ----------
+    def checkpoint_into_tree(self, req, *, up_to: int, **kwargs) -> None:
+        super().checkpoint_into_tree(req, up_to=up_to, **kwargs)
+        if req.finished():
+            self.marconi.on_request_finished(req.origin_input_ids, req.output_ids)
+
+    # -- paper-faithful single byte budget -----------------------------------
+    def tree_bytes(self) -> int:
+        """Bytes the tree holds at the profile's real sizes: KV of every cached
+        token plus one SSM state per state-holding node."""
+        p = self.marconi.profile
+        kv_tokens = self.full_evictable_size() + self.full_protected_size()
+        states = self.mamba_evictable_size() + self.mamba_protected_size()
+        return p.kv_bytes(kv_tokens) + states * p.ssm_state_bytes()
+
+    def evict_to_bytes(self, budget_bytes: int) -> int:
+        """Evict until the tree fits ``budget_bytes`` (one budget over KV + states).
+
+        Candidates are the paper's: unlocked nodes with at most one child that
+        hold a state or are leaves. A leaf is deleted; an internal node loses
+        its state. Returns the number of evictions.
+        """
+        st = self.marconi
+        n = 0
+        while self.tree_bytes() > budget_bytes:
+            st.on_eviction_call()
+            leaves = self.tree_core.evictable_device_leaves
+            cands = []
+            for node in set(leaves) | set(self.tree_core.lru_lists[ComponentType.MAMBA].cache.values()):
+                if node.component_data[ComponentType.MAMBA].lock_ref > 0 or len(node.children) > 1:
+                    continue
+                if node not in leaves and node.component_data[ComponentType.MAMBA].value is None:
+                    continue
+                cands.append(st.candidate(node, frees_kv=node in leaves))
+            queue = EvictionQueue(cands, st.alpha, st.clock + 1.0)
+            victim = queue.pop()
+            if victim is None:
+                break
+            node = victim.key
+            if node in leaves:
+                kv = len(node.key)
+                # Delete exactly this leaf through SGLang's own leaf eviction.
+                self._evict_device_leaf(node.id, {ct: 0 for ct in self.tree_components})
+                st.counters.leaf_evictions += 1
+                st.record_eviction("single", node, kv, None)
+            else:
+                self._tombstone_state(node)
+                st.record_eviction("single", node, 0, None)
+            st.counters.state_evictions += 1
+            n += 1
+        return n
+
+    def _tombstone_state(self, node) -> None:
+        from sglang.srt.mem_cache.unified_cache.components.base import EvictLayer
+        from sglang.srt.mem_cache.unified_cache.unified_tree_core_interface import BaseEvictionResult
+
+        comp = self.components[ComponentType.MAMBA]
+        result = BaseEvictionResult()
+        tracker = {ct: 0 for ct in self.tree_components}
+        self.tree_core._evict_component_and_detach_lru(
+            node,
+            comp,
+            target=EvictLayer.DEVICE,
+            tracker=tracker,
+            device_frees=result.device_frees,
+            host_frees=result.host_frees,
+            cache_actions=result.cache_actions,
+        )
+        self.tree_core._cascade_evict(
+            node, comp, tracker, device_frees=result.device_frees, host_frees=result.host_frees,
+            cache_actions=result.cache_actions,
+        )
+        self._apply_eviction_result(result)
+
+
+__all__ = ["MarconiRadixCache", "AdmissionReason"]

@@ -1,0 +1,189 @@
+"""Marconi's FULL and MAMBA tree components for SGLang's UnifiedRadixCache.
+
+They subclass SGLang's own components and change only policy:
+
+MarconiMambaComponent (the SSM-state pool)
+  * match: the branch point is the exact end of the KV match when it runs past
+    the deepest SSM state ("exact"), or SGLang's checkpoint grid ("grid");
+  * a hit stamps only the deepest matched node (the one whose state is used);
+  * insert accepts ``mamba_value=None``: KV enters the tree without a state,
+    which is how Marconi declines every state but its two per request;
+  * eviction picks the state with the smallest utility among unlocked state
+    holders with at most one child (all unlocked holders if none qualifies):
+    a leaf is deleted, an internal node loses its state and keeps its KV.
+
+MarconiFullComponent (the KV pool)
+  * eviction picks the unlocked leaf with the smallest utility (SGLang: the
+    least recently used leaf). A leaf without a state saves nothing on a hit
+    (hybrid matches stop at the last state), so its efficiency is 0.
+
+Both rank by one formula (``MarconiState.candidate`` + ``EvictionQueue``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from sglang.srt.mem_cache.unified_cache.components.base import (
+    ComponentType,
+    EvictLayer,
+    LRURefreshPhase,
+)
+from sglang.srt.mem_cache.unified_cache.components.full import FullComponent
+from sglang.srt.mem_cache.unified_cache.components.mamba import MambaComponent
+
+from ..policy.admission import branch_point
+from ..policy.utility import EvictionQueue
+
+
+class MarconiMambaComponent(MambaComponent):
+    @property
+    def marconi(self):
+        return self.cache.marconi
+
+    # -- match ----------------------------------------------------------------
+    def finalize_match_result_in_tree_core(self, result, params, value_chunks, best_value_len):
+        result = super().finalize_match_result_in_tree_core(result, params, value_chunks, best_value_len)
+        st = self.marconi
+        st.tick()
+        st.counters.matches += 1
+        if result.device_prefix_len > 0:
+            st.counters.state_hits += 1
+            st.counters.hit_tokens += result.device_prefix_len
+        if st.config.branch_points == "exact":
+            boundary = result.device_prefix_len + result.host_hit_length
+            result = result._replace(
+                mamba_branching_seqlen=branch_point(result.full_kv_hit_length, boundary, mode="exact")
+            )
+        return result
+
+    def refresh_lru(self, phase, node, root_node) -> None:
+        super().refresh_lru(phase, node, root_node)
+        if phase is LRURefreshPhase.MATCH_END and node is not root_node:
+            self.marconi.stamp(node)
+
+    # -- insert ---------------------------------------------------------------
+    def commit_insert_component_data(self, node, is_new_leaf, params, result, cache_actions) -> None:
+        st = self.marconi
+        st.tick()
+        if params.mamba_value is None:
+            # KV-only insert: Marconi admits no state at this position.
+            if is_new_leaf:
+                st.stamp(node)
+            return
+        super().commit_insert_component_data(node, is_new_leaf, params, result, cache_actions)
+        st.stamp(node)
+        if not result.mamba_exist:
+            reason = getattr(params, "marconi_reason", None)
+            if reason is not None:
+                st.counters.admitted[reason] += 1
+
+    def redistribute_on_node_split(self, new_parent, child):
+        super().redistribute_on_node_split(new_parent, child)
+        new_parent.marconi_t = getattr(child, "marconi_t", 0.0)
+
+    # -- eviction -------------------------------------------------------------
+    def _holders(self):
+        ct = self.component_type
+        nodes = self.tree_core.lru_lists[ct].cache.values()
+        unlocked = [n for n in nodes if n.component_data[ct].lock_ref == 0]
+        narrow = [n for n in unlocked if len(n.children) <= 1]
+        return narrow or unlocked
+
+    def _evict_device_start(self, request_cnt: int) -> None:
+        st = self.marconi
+        st.on_eviction_call()
+        leaves = self.tree_core.evictable_device_leaves
+        cands = [st.candidate(n, frees_kv=n in leaves) for n in self._holders()]
+        self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0)
+        self._evict_device_request_cnt = request_cnt
+        self._last_leaf = None
+
+    def _evict_device_next_node(self, tracker, device_frees, host_frees, cache_actions):
+        ct = self.component_type
+        st = self.marconi
+        leaves = self.tree_core.evictable_device_leaves
+        # A deleted leaf's parent may now hold a state with no children left.
+        lv = self._last_leaf
+        self._last_leaf = None
+        if lv is not None and lv.parent is not None and lv.parent is not self.tree_core.root_node:
+            p = lv.parent
+            cd = p.component_data[ct]
+            if cd.value is not None and cd.lock_ref == 0 and len(p.children) <= 1:
+                self._queue.push(st.candidate(p, frees_kv=p in leaves))
+        while tracker[ct] < self._evict_device_request_cnt:
+            score = self._queue.peek_score()
+            cand = self._queue.pop()
+            if cand is None:
+                return None
+            x = cand.key
+            cd = x.component_data[ct]
+            if cd.value is None or cd.lock_ref > 0 or x.parent is None:
+                continue  # stale: cascaded away, or locked since the snapshot
+            st.counters.state_evictions += 1
+            if x in leaves:
+                st.counters.leaf_evictions += 1
+                st.record_eviction("mamba", x, len(x.key), score)
+                self._last_leaf = x
+                return x.id
+            st.record_eviction("mamba", x, 0, score)
+            self.tree_core._evict_component_and_detach_lru(
+                x,
+                self,
+                target=EvictLayer.DEVICE,
+                tracker=tracker,
+                device_frees=device_frees,
+                host_frees=host_frees,
+                cache_actions=cache_actions,
+            )
+            self.tree_core._cascade_evict(
+                x, self, tracker, device_frees=device_frees, host_frees=host_frees, cache_actions=cache_actions
+            )
+            return None
+        return None
+
+    def _evict_device_end(self) -> None:
+        self._queue = None
+        self._last_leaf = None
+
+
+class MarconiFullComponent(FullComponent):
+    @property
+    def marconi(self):
+        return self.cache.marconi
+
+    def _evict_device_start(self, request_cnt: int) -> None:
+        st = self.marconi
+        st.on_eviction_call()
+        cands = [st.candidate(n, frees_kv=True) for n in self.tree_core.evictable_device_leaves]
+        self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0)
+        self._evict_device_request_cnt = request_cnt
+        self._evict_device_last_node = None
+
+    def _evict_device_next_node(self, tracker, device_frees, host_frees, cache_actions) -> Optional[int]:
+        ct = self.component_type
+        st = self.marconi
+        leaves = self.tree_core.evictable_device_leaves
+        lv = self._evict_device_last_node
+        self._evict_device_last_node = None
+        if lv is not None and lv.parent is not None and lv.parent in leaves:
+            self._queue.push(st.candidate(lv.parent, frees_kv=True))
+        while tracker[ct] < self._evict_device_request_cnt:
+            score = self._queue.peek_score()
+            cand = self._queue.pop()
+            if cand is None:
+                return None
+            x = cand.key
+            if x not in leaves:
+                continue
+            st.counters.leaf_evictions += 1
+            if x.component_data[ComponentType.MAMBA].value is not None:
+                st.counters.state_evictions += 1
+            st.record_eviction("kv", x, len(x.key), score)
+            self._evict_device_last_node = x
+            return x.id
+        return None
+
+    def _evict_device_end(self) -> None:
+        self._queue = None
+        self._evict_device_last_node = None

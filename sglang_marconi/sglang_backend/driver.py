@@ -1,0 +1,198 @@
+"""A scheduler-shaped driver: what SGLang's scheduler does with the tree cache
+for one request, without a model.
+
+Per request, in order (page size 1, one request at a time):
+
+1. ``match_prefix`` on the input minus its last token (SGLang never matches
+   the last input token: its logits must be computed), lock the matched node;
+2. allocate KV slots for the uncached tokens (evicting through the cache's
+   own walks when the pool is short);
+3. during prefill, insert the checkpoint the admission plan asks for (the
+   branch point), move the lock onto it;
+4. at finish, insert the committed sequence (input + output − 1: the last
+   sampled token never runs through the model) with the final SSM state;
+5. unlock, then hold the tree to its budget.
+
+Request-owned KV that duplicates what the tree already holds is freed by the
+insert itself (``prev_prefix_len``), and a state slot the tree did not take is
+returned, exactly as SGLang's ``checkpoint`` does, so the allocators' free counts return to their initial
+values after ``reset``. SSM state *values* are never computed (slots stand in
+for them); slot counts and tree shapes are what the policies act on.
+
+The same driver runs the demo, the tests, the α tuner's replays and the trace
+replay, for Marconi and for SGLang's stock cache alike.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from ..policy.admission import AdmissionReason, Checkpoint, plan_request
+from .pools import BuiltCache
+
+
+class CapacityError(RuntimeError):
+    """A request cannot be served: the pools cannot hold its own working set."""
+
+
+@dataclass
+class RequestResult:
+    input_len: int
+    hit_len: int
+    flops_saved: float
+    checkpoints: list[tuple[int, str, bool]] = field(default_factory=list)  # (position, reason, admitted)
+
+    @property
+    def states_admitted(self) -> int:
+        return sum(1 for _, _, ok in self.checkpoints if ok)
+
+
+def _key(tokens: Sequence[int]) -> RadixKey:
+    return RadixKey(array("q", tokens))
+
+
+class CacheDriver:
+    """Drives one cache through a request stream.
+
+    ``kv_budget`` / ``state_budget``: the tree is evicted down to at most this
+    many cached KV tokens / SSM states after every request (two-pool budget);
+    ``byte_budget``: one byte budget over both (paper mode, Marconi only).
+    Unset budgets leave the pools' own capacity as the only limit.
+    """
+
+    def __init__(
+        self,
+        built: BuiltCache,
+        *,
+        profile=None,
+        kv_budget: Optional[int] = None,
+        state_budget: Optional[int] = None,
+        byte_budget: Optional[int] = None,
+    ):
+        self.built = built
+        self.cache = built.cache
+        self.marconi = getattr(self.cache, "marconi", None)
+        self.profile = profile if profile is not None else (self.marconi.profile if self.marconi else None)
+        self.kv_budget = kv_budget
+        self.state_budget = state_budget
+        self.byte_budget = byte_budget
+        if byte_budget is not None and self.marconi is None:
+            raise ValueError("a single byte budget needs the marconi cache (evict_to_bytes)")
+        self.initial_free = self.free_counts()
+
+    # -- allocator helpers ----------------------------------------------------
+    def free_counts(self) -> tuple[int, int]:
+        return self.built.kv_allocator.available_size(), self.built.mamba_allocator.available_size()
+
+    def _alloc_kv(self, n: int) -> torch.Tensor:
+        alloc = self.built.kv_allocator
+        if n <= 0:
+            return torch.empty((0,), dtype=torch.int64, device=self.cache.device)
+        short = n - alloc.available_size()
+        if short > 0:
+            self.cache.evict(EvictParams(num_tokens=short))
+        out = alloc.alloc(n)
+        if out is None:
+            raise CapacityError(
+                f"request needs {n} KV slots; {alloc.available_size()} free after eviction "
+                f"(pool of {alloc.size}); size the KV pool above the longest request"
+            )
+        return out
+
+    def _alloc_state(self) -> torch.Tensor:
+        alloc = self.built.mamba_allocator
+        if alloc.available_size() < 1:
+            self.cache.evict(EvictParams(num_tokens=0, mamba_num=1))
+        out = alloc.alloc(1)
+        if out is None:
+            raise CapacityError("no SSM state slot free after eviction; every state is locked")
+        return out
+
+    # -- one request ------------------------------------------------------------
+    def plan(self, input_len: int, committed: int, hit: int, match) -> list[Checkpoint]:
+        """Admission plan; SGLang's own admission is a different plan (replay)."""
+        return plan_request(input_len, committed, hit, match.mamba_branching_seqlen)
+
+    def run(self, input_ids: Sequence[int], output_ids: Sequence[int]) -> RequestResult:
+        if len(input_ids) == 0:
+            raise ValueError("request has an empty input")
+        cache = self.cache
+        tokens = list(input_ids) + list(output_ids)
+        committed = len(input_ids) + max(len(output_ids) - 1, 0)
+
+        match = cache.match_prefix(MatchPrefixParams(key=_key(input_ids[:-1])))
+        hit = match.device_prefix_len
+        node = match.last_device_node
+        lock = cache.inc_lock_ref(node)
+        prefix = cache.path_device_indices(node)
+        assert len(prefix) == hit, (len(prefix), hit)
+
+        result = RequestResult(
+            input_len=len(input_ids),
+            hit_len=hit,
+            flops_saved=self.profile.prefill_flops(0, hit) if (self.profile is not None and hit) else 0.0,
+        )
+        try:
+            row = torch.cat([prefix.to(torch.int64), self._alloc_kv(committed - hit).to(torch.int64)])
+        except CapacityError:
+            cache.dec_lock_ref(node, lock.to_dec_params())
+            raise
+        protected = hit  # row[:protected] are the tree's own indices
+        for cp in self.plan(len(input_ids), committed, hit, match):
+            slot = self._alloc_state()
+            params = InsertParams(
+                key=_key(tokens[: cp.position]),
+                value=row[: cp.position],
+                mamba_value=slot,
+                prev_prefix_len=protected,  # the tree frees our duplicates past this
+            )
+            params.marconi_reason = cp.reason
+            res = cache.insert(params)
+            if res.prefix_len > protected:
+                # The tree already had these tokens and freed our copies: use its own.
+                row[protected : res.prefix_len] = cache.path_device_indices(res.last_device_node)[
+                    protected : res.prefix_len
+                ]
+            if res.mamba_exist:
+                self.built.mamba_allocator.free(slot)
+            protected = max(protected, cp.position)
+            result.checkpoints.append((cp.position, cp.reason.value, not res.mamba_exist))
+            new_lock = cache.inc_lock_ref(res.last_device_node)
+            cache.dec_lock_ref(node, lock.to_dec_params())
+            node, lock = res.last_device_node, new_lock
+        if protected < committed:  # no checkpoint reached the end: free the tail
+            self.built.kv_allocator.free(row[protected:committed])
+        cache.dec_lock_ref(node, lock.to_dec_params())
+        if self.marconi is not None:
+            self.marconi.on_request_finished(input_ids, output_ids)
+        self.enforce_budget()
+        return result
+
+    # -- budgets --------------------------------------------------------------
+    def tree_kv_tokens(self) -> int:
+        return self.cache.full_evictable_size() + self.cache.full_protected_size()
+
+    def tree_states(self) -> int:
+        return self.cache.mamba_evictable_size() + self.cache.mamba_protected_size()
+
+    def enforce_budget(self) -> None:
+        if self.byte_budget is not None:
+            self.cache.evict_to_bytes(self.byte_budget)
+            return
+        kv_excess = 0 if self.kv_budget is None else max(0, self.tree_kv_tokens() - self.kv_budget)
+        st_excess = 0 if self.state_budget is None else max(0, self.tree_states() - self.state_budget)
+        if kv_excess or st_excess:
+            self.cache.evict(EvictParams(num_tokens=kv_excess, mamba_num=st_excess))
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+
+__all__ = ["CacheDriver", "CapacityError", "RequestResult", "AdmissionReason"]

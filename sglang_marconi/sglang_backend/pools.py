@@ -1,0 +1,153 @@
+"""Build SGLang 0.5.23's real pools and ``UnifiedRadixCache`` outside a server.
+
+The trace replay, the α tuner, the demo and the tests all need a hybrid
+(FULL + MAMBA) radix cache without a model runner. This module builds exactly
+what ``kv_cache_builder`` builds in the scheduler — ``HybridReqToTokenPool``
+(with its ``MambaPool``), ``HybridLinearKVPool`` and a
+``TokenToKVPoolAllocator`` — on any device, CPU included.
+
+Slot *counts* are what decide caching behaviour; slot *sizes* only decide how
+many slots a byte budget buys. So the pools are sized by slot count and given
+tiny per-slot shapes (``PoolShape``): a replay of a 7B model's 40 GB budget
+allocates a few MB. ``slots_for_budget`` converts a byte budget into slot
+counts with a cost profile's real per-slot sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+_SERVER_ARGS_SET = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolShape:
+    """Per-slot tensor shapes of the pools (tiny by default: only counts matter)."""
+
+    num_layers: int = 4
+    full_attention_layer_ids: tuple[int, ...] = (3,)
+    head_num: int = 1
+    head_dim: int = 8
+    mamba_intermediate_size: int = 16
+    mamba_n_groups: int = 1
+    mamba_num_heads: int = 2
+    mamba_head_dim: int = 8
+    mamba_state_size: int = 4
+    mamba_conv_kernel: int = 4
+
+    @property
+    def mamba_layer_ids(self) -> list[int]:
+        full = set(self.full_attention_layer_ids)
+        return [i for i in range(self.num_layers) if i not in full]
+
+
+def _ensure_server_args(page_size: int) -> None:
+    """Pool and cache code read a few fields of the global ServerArgs."""
+    global _SERVER_ARGS_SET
+    if _SERVER_ARGS_SET:
+        return
+    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+    server_args = ServerArgs(model_path="dummy", page_size=page_size)
+    server_args._mamba_cache_chunk_size = 64
+    set_global_server_args_for_scheduler(server_args)
+    _SERVER_ARGS_SET = True
+
+
+@dataclasses.dataclass
+class BuiltCache:
+    cache: object  # UnifiedRadixCache (or a subclass)
+    kv_allocator: object  # TokenToKVPoolAllocator
+    req_to_token_pool: object  # HybridReqToTokenPool
+
+    @property
+    def mamba_allocator(self):
+        return self.req_to_token_pool.mamba_allocator
+
+
+def build_hybrid_cache(
+    *,
+    kv_slots: int,
+    mamba_slots: int,
+    max_running_reqs: int = 4,
+    max_context_len: int = 4096,
+    page_size: int = 1,
+    device: str = "cpu",
+    shape: PoolShape = PoolShape(),
+    cache_class: Optional[type] = None,
+    component_registry_override: Optional[dict] = None,
+    tree_core_backend: str = "python",
+    enable_mamba_extra_buffer: bool = False,
+) -> BuiltCache:
+    """Build a FULL + MAMBA ``UnifiedRadixCache`` (or ``cache_class``) with real pools.
+
+    ``mamba_slots`` counts the slots the tree may hold; one more slot per running
+    request is added, as SGLang's ``HybridReqToTokenPool`` sizing does for the
+    requests' own working states.
+    """
+    import torch
+
+    from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateShape
+    from sglang.srt.environ import envs
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool, HybridReqToTokenPool
+    from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    if kv_slots < 1 or mamba_slots < 1:
+        raise ValueError(f"pools need at least one slot each, got kv_slots={kv_slots} mamba_slots={mamba_slots}")
+    _ensure_server_args(page_size)
+    with envs.SGLANG_MAMBA_SSM_DTYPE.override("float32"):
+        state_shape = Mamba2StateShape.create(
+            tp_world_size=1,
+            intermediate_size=shape.mamba_intermediate_size,
+            n_groups=shape.mamba_n_groups,
+            num_heads=shape.mamba_num_heads,
+            head_dim=shape.mamba_head_dim,
+            state_size=shape.mamba_state_size,
+            conv_kernel=shape.mamba_conv_kernel,
+        )
+        cache_params = Mamba2CacheParams(shape=state_shape, layers=shape.mamba_layer_ids)
+        req_to_token_pool = HybridReqToTokenPool(
+            size=max_running_reqs,
+            mamba_size=mamba_slots + max_running_reqs,
+            mamba_spec_state_size=max_running_reqs,
+            max_context_len=max_context_len,
+            device=device,
+            enable_memory_saver=False,
+            cache_params=cache_params,
+            mamba_layer_ids=shape.mamba_layer_ids,
+            enable_mamba_extra_buffer=enable_mamba_extra_buffer,
+        )
+    kv_pool = HybridLinearKVPool(
+        size=kv_slots,
+        dtype=torch.float16,
+        page_size=page_size,
+        head_num=shape.head_num,
+        head_dim=shape.head_dim,
+        full_attention_layer_ids=list(shape.full_attention_layer_ids),
+        device=device,
+        enable_memory_saver=False,
+        mamba_pool=req_to_token_pool.mamba_pool,
+    )
+    allocator = TokenToKVPoolAllocator(
+        size=kv_slots,
+        dtype=torch.float16,
+        device=device,
+        kvcache=kv_pool,
+        need_sort=False,
+    )
+    params = CacheInitParams(
+        req_to_token_pool=req_to_token_pool,
+        token_to_kv_pool_allocator=allocator,
+        page_size=page_size,
+        disable=False,
+        tree_components=(ComponentType.FULL, ComponentType.MAMBA),
+        enable_mamba_extra_buffer=enable_mamba_extra_buffer,
+        component_registry_override=component_registry_override,
+    )
+    with envs.SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND.override(tree_core_backend):
+        cache = (cache_class or UnifiedRadixCache)(params)
+    return BuiltCache(cache=cache, kv_allocator=allocator, req_to_token_pool=req_to_token_pool)

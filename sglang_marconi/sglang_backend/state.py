@@ -1,0 +1,167 @@
+"""Per-cache Marconi state: the bridge between SGLang tree nodes and the policy core.
+
+One :class:`MarconiState` lives on each :class:`MarconiRadixCache`. It owns the
+logical clock, the cost profile, the α tuner and the counters, and turns a
+tree node into the tensor-free :class:`~sglang_marconi.policy.utility.Candidate`
+the policy scores. Both components (FULL and MAMBA) go through it, so the two
+pools are scored by one formula.
+
+Node bookkeeping is stored as plain attributes on SGLang's ``UnifiedTreeNode``:
+
+* ``marconi_t``   — last access on Marconi's clock (a hit stamps only the
+  deepest matched node; an insert stamps the node it ends on; a split copies
+  the child's stamp to the new parent).
+* ``marconi_end`` — the token position where the node ends. It never changes:
+  a split only moves a node's *start*, so it is memoized.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..policy.admission import AdmissionReason
+from ..policy.config import MarconiConfig
+from ..policy.tuner import AlphaTuner
+from ..policy.utility import Candidate
+
+if TYPE_CHECKING:
+    from ..policy.cost_model import CostProfile
+
+logger = logging.getLogger("sglang_marconi")
+
+MAMBA = None  # ComponentType.MAMBA, bound lazily (keeps this module importable early)
+
+
+def _mamba_ct():
+    global MAMBA
+    if MAMBA is None:
+        from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
+
+        MAMBA = ComponentType.MAMBA
+    return MAMBA
+
+
+@dataclass
+class MarconiCounters:
+    """What the cache did, for logs, metrics and replays."""
+
+    matches: int = 0
+    hit_tokens: int = 0
+    state_hits: int = 0
+    admitted: Counter = field(default_factory=Counter)  # AdmissionReason -> count
+    state_evictions: int = 0  # SSM states freed (tombstoned or with their leaf)
+    leaf_evictions: int = 0  # nodes deleted (their KV freed)
+    evicted_tokens: int = 0
+    eviction_log: list = field(default_factory=list)  # (pool, node_end, tokens, utility), bounded
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "matches": self.matches,
+            "hit_tokens": self.hit_tokens,
+            "state_hits": self.state_hits,
+            "admitted_branch_point": self.admitted[AdmissionReason.BRANCH_POINT],
+            "admitted_last_token": self.admitted[AdmissionReason.LAST_TOKEN],
+            "state_evictions": self.state_evictions,
+            "leaf_evictions": self.leaf_evictions,
+            "evicted_tokens": self.evicted_tokens,
+        }
+
+
+EVICTION_LOG_MAX = 10_000
+
+
+class MarconiState:
+    def __init__(self, config: MarconiConfig, profile: "CostProfile", tuner: Optional[AlphaTuner] = None):
+        self.config = config
+        self.profile = profile
+        self.tuner = tuner
+        self.clock = 0.0
+        self.counters = MarconiCounters()
+        self.log_evictions = False  # the demo and tests turn this on
+        self.root = None  # set by the cache once its tree exists
+
+    # -- clock and α --------------------------------------------------------
+    def tick(self) -> float:
+        self.clock += 1.0
+        return self.clock
+
+    @property
+    def alpha(self) -> float:
+        if self.tuner is not None:
+            self.tuner.poll()
+            return self.tuner.alpha
+        return self.config.alpha or 0.0
+
+    def stamp(self, node) -> None:
+        node.marconi_t = self.clock
+
+    # -- node geometry ------------------------------------------------------
+    def node_end(self, node) -> int:
+        end = getattr(node, "marconi_end", None)
+        if end is not None:
+            return end
+        chain = []
+        cur = node
+        while cur is not None and getattr(cur, "marconi_end", None) is None and cur.parent is not None:
+            chain.append(cur)
+            cur = cur.parent
+        base = 0 if cur is None or cur.parent is None else cur.marconi_end
+        for n in reversed(chain):
+            base += len(n.key)
+            n.marconi_end = base
+        return node.marconi_end
+
+    def replay_from(self, node) -> int:
+        """Position of the nearest strict ancestor holding an SSM state (0 = root).
+
+        A miss at ``node`` falls back to that state, so the FLOPs a hit here
+        saves run from it, not from the parent, when tombstones lie between.
+        """
+        ct = _mamba_ct()
+        cur = node.parent
+        while cur is not None and cur.parent is not None:
+            if cur.component_data[ct].value is not None:
+                return self.node_end(cur)
+            cur = cur.parent
+        return 0
+
+    # -- scoring ------------------------------------------------------------
+    def candidate(self, node, *, frees_kv: bool) -> Candidate:
+        """The policy's view of evicting ``node``.
+
+        ``frees_kv``: the eviction deletes the node (its KV and state go);
+        otherwise only its SSM state is freed (tombstone).
+        """
+        ct = _mamba_ct()
+        end = self.node_end(node)
+        own = len(node.key)
+        start = end - own
+        has_state = node.component_data[ct].value is not None
+        p = self.profile
+        if self.config.variant == "paper":
+            replay_from = start
+            nbytes = p.kv_bytes(end) + (p.ssm_state_bytes() if has_state else 0)
+        else:
+            replay_from = self.replay_from(node)
+            nbytes = (p.kv_bytes(own) if frees_kv else 0) + (p.ssm_state_bytes() if has_state else 0)
+        flops = p.flops_saved(start, end, replay_from=replay_from) if has_state else 0.0
+        return Candidate(key=node, last_access=getattr(node, "marconi_t", 0.0), flops_saved=flops, nbytes=nbytes)
+
+    # -- events -------------------------------------------------------------
+    def on_eviction_call(self) -> None:
+        self.tick()
+        if self.tuner is not None:
+            self.tuner.on_eviction()
+
+    def record_eviction(self, pool: str, node, tokens: int, score: Optional[float]) -> None:
+        c = self.counters
+        c.evicted_tokens += tokens
+        if self.log_evictions and len(c.eviction_log) < EVICTION_LOG_MAX:
+            c.eviction_log.append((pool, self.node_end(node), tokens, score))
+
+    def on_request_finished(self, input_ids, output_ids) -> None:
+        if self.tuner is not None:
+            self.tuner.on_request_finished(input_ids, output_ids)

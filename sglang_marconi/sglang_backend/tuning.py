@@ -1,0 +1,73 @@
+"""The α tuner's replay, and the one constructor every driver uses for a Marconi cache.
+
+``replay_alphas`` is what :class:`~sglang_marconi.policy.tuner.AlphaTuner`
+runs off the scheduler's thread (in a spawned process by default): for each α
+it builds a fresh :class:`MarconiRadixCache` with the live cache's slot counts
+and budgets (tiny tensors), replays the warm-up requests uncounted, then the
+window, and reports the prefill FLOPs the hits saved. Same components, same
+driver, same policy code as the live cache — only α differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+from ..policy.config import MarconiConfig
+from .pools import BuiltCache, PoolShape, build_hybrid_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class TunerSpec:
+    """Everything a replay needs to rebuild the cache (picklable)."""
+
+    kv_slots: int
+    mamba_slots: int
+    config: MarconiConfig
+    profile: object  # CostProfile
+    kv_budget: Optional[int] = None
+    state_budget: Optional[int] = None
+    byte_budget: Optional[int] = None
+
+
+def build_marconi_cache(
+    *,
+    kv_slots: int,
+    mamba_slots: int,
+    config: MarconiConfig,
+    profile,
+    kv_budget: Optional[int] = None,
+    state_budget: Optional[int] = None,
+    byte_budget: Optional[int] = None,
+    device: str = "cpu",
+    shape: PoolShape = PoolShape(),
+) -> BuiltCache:
+    """A MarconiRadixCache on real SGLang pools, with its tuner wired to replay
+    on a copy of the same shape."""
+    from .cache import MarconiRadixCache
+
+    spec = TunerSpec(kv_slots, mamba_slots, config, profile, kv_budget, state_budget, byte_budget)
+
+    def cache_class(params):
+        return MarconiRadixCache(params, config=config, profile=profile, tuner_spec=spec)
+
+    return build_hybrid_cache(
+        kv_slots=kv_slots, mamba_slots=mamba_slots, device=device, shape=shape, cache_class=cache_class
+    )
+
+
+def replay_alphas(spec: TunerSpec, warmup: Sequence, window: Sequence, alphas: Sequence[float]) -> dict[float, float]:
+    """FLOPs saved over ``window`` for each α (warm-up requests replayed first, uncounted)."""
+    from .driver import CacheDriver
+
+    scores: dict[float, float] = {}
+    for alpha in alphas:
+        cfg = dataclasses.replace(spec.config, alpha=float(alpha), tuner="inline")
+        built = build_marconi_cache(kv_slots=spec.kv_slots, mamba_slots=spec.mamba_slots, config=cfg, profile=spec.profile)
+        drv = CacheDriver(
+            built, kv_budget=spec.kv_budget, state_budget=spec.state_budget, byte_budget=spec.byte_budget
+        )
+        for inp, out in warmup:
+            drv.run(inp, out)
+        scores[float(alpha)] = sum(drv.run(inp, out).flops_saved for inp, out in window)
+    return scores
