@@ -47,7 +47,12 @@ def _ensure_server_args(page_size: int) -> None:
     global _SERVER_ARGS_SET
     if _SERVER_ARGS_SET:
         return
+    from sglang.srt.runtime_context import publish_role
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+    if publish_role() is not None:  # a server (or a test) already published its args
+        _SERVER_ARGS_SET = True
+        return
 
     server_args = ServerArgs(model_path="dummy", page_size=page_size)
     server_args._mamba_cache_chunk_size = 64

@@ -1,0 +1,40 @@
+"""Shared fixtures: Marconi and stock SGLang caches on real SGLang 0.5.23 classes (CPU)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*Triton is not supported.*")
+warnings.filterwarnings("ignore", message=".*support.*quantization.*")
+warnings.filterwarnings("ignore", message=".*support AWQ.*")
+
+
+@pytest.fixture
+def make_marconi():
+    """make_marconi(kv_slots, mamba_slots, kv_budget=None, state_budget=None, **config) -> (built, driver)."""
+    from sglang_marconi.policy import builtin_profile, parse_config
+    from sglang_marconi.sglang_backend.driver import CacheDriver
+    from sglang_marconi.sglang_backend.tuning import build_marconi_cache
+
+    made = []
+
+    def make(kv_slots=2048, mamba_slots=16, kv_budget=None, state_budget=None, byte_budget=None, profile="paper-7b", **config):
+        config.setdefault("alpha", 0.0)
+        config.setdefault("tuner", "inline")
+        cfg = parse_config(config)
+        prof = builtin_profile(profile) if isinstance(profile, str) else profile
+        built = build_marconi_cache(
+            kv_slots=kv_slots, mamba_slots=mamba_slots, config=cfg, profile=prof,
+            kv_budget=kv_budget, state_budget=state_budget, byte_budget=byte_budget,
+        )
+        drv = CacheDriver(built, kv_budget=kv_budget, state_budget=state_budget, byte_budget=byte_budget)
+        made.append(built)
+        return built, drv
+
+    yield make
+    for built in made:
+        if built.cache.marconi.tuner is not None:
+            built.cache.marconi.tuner.close()
