@@ -32,7 +32,7 @@ from sglang.srt.mem_cache.unified_cache.components.base import (
 from sglang.srt.mem_cache.unified_cache.components.full import FullComponent
 from sglang.srt.mem_cache.unified_cache.components.mamba import MambaComponent
 
-from ..policy.admission import branch_point
+from ..policy.admission import AdmissionReason, branch_point
 from ..policy.utility import EvictionQueue
 
 
@@ -77,6 +77,44 @@ class MarconiMambaComponent(MambaComponent):
             reason = getattr(params, "marconi_reason", None)
             if reason is not None:
                 st.counters.admitted[reason] += 1
+
+    # -- live scheduler path: admission of the request's own states -----------
+    def prepare_for_caching_req(self, req, insert_params, token_ids_len, is_finished):
+        """Marconi admission on SGLang's ``checkpoint`` path.
+
+        Finished: the last decoded token's state is donated (SGLang's own path).
+        Unfinished (a prefill chunk or a decode checkpoint): the state is
+        admitted only when this checkpoint lands on the request's branch point,
+        once; otherwise the KV is published without a state.
+        """
+        if is_finished:
+            insert_params.marconi_reason = AdmissionReason.LAST_TOKEN
+            return super().prepare_for_caching_req(req, insert_params, token_ids_len, is_finished)
+        branch = getattr(req, "mamba_branching_seqlen", None)
+        at = req.kv.mamba_last_track_seqlen if self.cache.enable_mamba_extra_buffer else token_ids_len
+        if branch is None or at != branch or getattr(req, "marconi_branch_admitted", False):
+            insert_params.mamba_value = None
+            return None
+        req.marconi_branch_admitted = True
+        insert_params.marconi_reason = AdmissionReason.BRANCH_POINT
+        pool = self.cache.req_to_token_pool
+        mamba_pool = pool.mamba_pool
+        if (
+            self.cache.enable_mamba_extra_buffer
+            or self.int8_ckpt_pool is not None
+            or mamba_pool.replayssm_write_pos is not None
+            or getattr(mamba_pool, "_slot_siblings", None)
+        ):
+            return super().prepare_for_caching_req(req, insert_params, token_ids_len, is_finished)
+        # Copy the live state into a cache slot: one launch for all layers on CUDA.
+        from ..kernels import scatter_states
+
+        slot = self._alloc_mamba_slot(req)
+        translate = pool.translate_mamba_indices
+        state = mamba_pool.mamba_cache
+        scatter_states(state.conv, state.temporal, translate(req.kv.mamba_pool_idx.view(1)), translate(slot.view(1)))
+        insert_params.mamba_value = slot.view(1)
+        return token_ids_len
 
     def redistribute_on_node_split(self, new_parent, child):
         super().redistribute_on_node_split(new_parent, child)

@@ -1,0 +1,114 @@
+"""Marconi admission on SGLang's own scheduler path (``Req`` + ``checkpoint``),
+the path a live server takes: chunk checkpoints publish KV without states
+except at the request's branch point, whose state is copied (by the
+state-copy kernels) into a cache slot; the finished request donates its
+last-token state."""
+
+from __future__ import annotations
+
+from array import array
+
+import pytest
+import torch
+
+
+def _req(built, rid, tokens):
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    req = Req(
+        rid=rid,
+        origin_input_text="",
+        origin_input_ids=array("q", tokens),
+        sampling_params=SamplingParams(temperature=0, max_new_tokens=1),
+    )
+    built.req_to_token_pool.alloc([req])
+    req.output_ids = array("q")
+    req.full_untruncated_fill_ids = array("q", tokens)
+    req.extend_end = len(tokens)
+    kv = built.kv_allocator.alloc(len(tokens))
+    built.req_to_token_pool.write((req.kv.req_pool_idx, slice(0, len(tokens))), kv)
+    req.kv.kv_committed_len = len(tokens)
+    req.kv.kv_allocated_len = len(tokens)
+    req.last_node = built.cache.root_node_handle()
+    req.kv.cache_protected_len = 0
+    req.lock = None
+    req.extra_key = None
+    return req
+
+
+def _fill_state(built, slot, seed):
+    state = built.req_to_token_pool.mamba_pool.mamba_cache
+    g = torch.Generator().manual_seed(seed)
+    for conv in state.conv:
+        conv[:, slot] = torch.randn(conv[:, slot].shape, generator=g).to(conv.dtype)
+    state.temporal[:, slot] = torch.randn(state.temporal[:, slot].shape, generator=g).to(state.temporal.dtype)
+
+
+def _state_of(built, slot):
+    state = built.req_to_token_pool.mamba_pool.mamba_cache
+    return [c[:, slot].clone() for c in state.conv] + [state.temporal[:, slot].clone()]
+
+
+def _match(built, tokens):
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    return built.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
+
+
+def test_chunk_checkpoints_admit_only_the_branch_point(make_marconi):
+    from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
+    from sglang.test.mem_cache_utils import finish_req
+
+    from sglang_marconi.policy import AdmissionReason
+
+    built, _ = make_marconi(kv_slots=512, mamba_slots=8)
+    cache = built.cache
+    tokens = list(range(100, 160))
+    req = _req(built, "r0", tokens)
+    live = int(req.kv.mamba_pool_idx)
+    _fill_state(built, live, seed=1)
+    expected = _state_of(built, live)
+
+    # Chunk 1 ends at 20: not the branch point -> KV published, no state.
+    req.mamba_branching_seqlen = 35
+    cache.checkpoint(req, up_to=20)
+    assert _match(built, tokens[:20]).full_kv_hit_length == 20
+    assert cache.mamba_evictable_size() + cache.mamba_protected_size() == 0
+
+    # Chunk 2 ends exactly at the branch point -> its state is copied into a cache slot.
+    cache.checkpoint(req, up_to=35)
+    assert cache.mamba_evictable_size() + cache.mamba_protected_size() == 1
+    m = _match(built, tokens[:36])
+    assert m.device_prefix_len == 35
+    node = cache.tree_core.node_by_id(m.best_match_node)
+    slot = int(node.component_data[ComponentType.MAMBA].value[0])
+    assert slot != live
+    for got, want in zip(_state_of(built, slot), expected):
+        assert torch.equal(got, want)
+
+    # Another checkpoint at 35 (e.g. a retry) does not admit a second state.
+    cache.checkpoint(req, up_to=50)
+    assert cache.mamba_evictable_size() + cache.mamba_protected_size() == 1
+
+    # Finish: the last-token state is donated.
+    finish_req(cache, req, len(tokens))
+    assert cache.mamba_evictable_size() + cache.mamba_protected_size() == 2
+    assert _match(built, tokens + [1]).device_prefix_len == len(tokens)
+    counters = cache.marconi.counters
+    assert counters.admitted[AdmissionReason.BRANCH_POINT] == 1
+    assert counters.admitted[AdmissionReason.LAST_TOKEN] == 1
+    # The finished request was handed to the α tuner's log (fixed α: counted only).
+    assert cache.marconi.tuner is None or cache.marconi.tuner.requests_seen == 1
+
+
+def test_finished_request_feeds_the_tuner(make_marconi):
+    from sglang.test.mem_cache_utils import finish_req
+
+    built, _ = make_marconi(kv_slots=512, mamba_slots=8, alpha="auto", window_multiplier=1)
+    tuner = built.cache.marconi.tuner
+    req = _req(built, "r1", list(range(30)))
+    finish_req(built.cache, req, 30)
+    assert tuner.requests_seen == 1
+    assert tuner._log[-1][0] == tuple(range(30))
