@@ -140,14 +140,23 @@ class MarconiState:
         own = len(node.key)
         start = end - own
         has_state = node.component_data[ct].value is not None
-        p = self.profile
-        if self.config.variant == "paper":
-            replay_from = start
-            nbytes = p.kv_bytes(end) + (p.ssm_state_bytes() if has_state else 0)
+        paper = self.config.variant == "paper"
+        replay_from = start if paper else self.replay_from(node)
+        # The cost terms change only when the node's start, its replay origin,
+        # its state or the kind of eviction change: memoize them on the node.
+        memo_key = (start, replay_from, has_state, frees_kv)
+        memo = getattr(node, "marconi_memo", None)
+        if memo is not None and memo[0] == memo_key:
+            _, flops, nbytes = memo
         else:
-            replay_from = self.replay_from(node)
-            nbytes = (p.kv_bytes(own) if frees_kv else 0) + (p.ssm_state_bytes() if has_state else 0)
-        flops = p.flops_saved(start, end, replay_from=replay_from) if has_state else 0.0
+            p = self.profile
+            state_bytes = p.ssm_state_bytes() if has_state else 0
+            if paper:
+                nbytes = p.kv_bytes(end) + state_bytes
+            else:
+                nbytes = (p.kv_bytes(own) if frees_kv else 0) + state_bytes
+            flops = p.flops_saved(start, end, replay_from=replay_from) if has_state else 0.0
+            node.marconi_memo = (memo_key, flops, nbytes)
         return Candidate(key=node, last_access=getattr(node, "marconi_t", 0.0), flops_saved=flops, nbytes=nbytes)
 
     # -- events -------------------------------------------------------------
