@@ -27,6 +27,7 @@ from typing import Optional
 class AdmissionReason(str, enum.Enum):
     BRANCH_POINT = "branch_point"
     LAST_TOKEN = "last_decoded_token"
+    GRID = "grid"  # baselines: a state on a fixed grid of positions
 
 
 @dataclass(frozen=True)
@@ -77,3 +78,89 @@ def plan_request(
     if committed_len > 0:
         plan.append(Checkpoint(committed_len, AdmissionReason.LAST_TOKEN))
     return plan
+
+
+# -- admission policies the drivers can run -----------------------------------
+# Each maps one request's match to the checkpoints it admits. ``hit`` is the
+# usable hit (deepest matched SSM state), ``full_kv_hit`` how far the KV match
+# runs; ``committed`` the KV length the finished request leaves behind.
+
+
+class Admission:
+    name = "base"
+    #: Hit reported for a request: the usable state hit, or (oracle) the KV match.
+    oracle = False
+
+    def plan(self, input_len: int, committed: int, hit: int, full_kv_hit: int) -> list[Checkpoint]:
+        raise NotImplementedError
+
+
+class MarconiAdmission(Admission):
+    """Speculative insertion: the branch point (exact or on a grid) + the last decoded token."""
+
+    name = "marconi"
+
+    def __init__(self, mode: str = "exact", grid: int = 1):
+        self.mode, self.grid = mode, grid
+
+    def plan(self, input_len, committed, hit, full_kv_hit):
+        return plan_request(input_len, committed, hit, branch_point(full_kv_hit, hit, mode=self.mode, grid=self.grid))
+
+
+class SGLangGridAdmission(Admission):
+    """SGLang 0.5.23's extra_buffer admission, per request.
+
+    Prefill tracks one state: the grid-aligned branch point when it falls in
+    the prefilled span, otherwise the last grid-aligned position of the span
+    (``prefix + ⌊extend/grid⌋·grid``, only when the span covers a whole grid
+    cell). At finish the last tracked grid-aligned position (⌊committed/grid⌋·grid)
+    is donated. (``ScheduleBatch._mamba_radix_cache_v2_track_entry`` and
+    ``MambaComponent._select_finished_checkpoint``.)
+    """
+
+    name = "sglang"
+
+    def __init__(self, grid: int = 64):
+        if grid < 1:
+            raise ValueError(f"checkpoint grid must be >= 1, got {grid}")
+        self.grid = grid
+
+    def plan(self, input_len, committed, hit, full_kv_hit):
+        g = self.grid
+        out: list[Checkpoint] = []
+        branch = branch_point(full_kv_hit, hit, mode="grid", grid=g)
+        extend = input_len - hit
+        if branch is not None and hit < branch < input_len:
+            out.append(Checkpoint(branch, AdmissionReason.BRANCH_POINT))
+        elif extend >= g:
+            out.append(Checkpoint(hit + (extend // g) * g, AdmissionReason.GRID))
+        last = (committed // g) * g
+        if last > (out[-1].position if out else hit):
+            out.append(Checkpoint(last, AdmissionReason.LAST_TOKEN))
+        return out
+
+
+class BlockAdmission(Admission):
+    """vLLM-style: a state at every block boundary of the newly computed span."""
+
+    name = "vllm"
+
+    def __init__(self, block: int = 32):
+        if block < 1:
+            raise ValueError(f"block size must be >= 1, got {block}")
+        self.block = block
+
+    def plan(self, input_len, committed, hit, full_kv_hit):
+        b = self.block
+        first = (hit // b + 1) * b
+        return [Checkpoint(p, AdmissionReason.GRID) for p in range(first, committed + 1, b)]
+
+
+class OracleAdmission(Admission):
+    """Infinite cache upper bound: any cached prefix is reusable (a state at every token)."""
+
+    name = "infinite"
+    oracle = True
+
+    def plan(self, input_len, committed, hit, full_kv_hit):
+        return [Checkpoint(committed, AdmissionReason.LAST_TOKEN)] if committed > 0 else []

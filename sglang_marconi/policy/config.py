@@ -23,6 +23,7 @@ DEFAULT_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..
 VARIANTS = ("marconi", "paper")
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
+REFRESH_MODES = ("deepest", "path")
 
 
 class MarconiConfigError(ValueError):
@@ -49,6 +50,9 @@ class MarconiConfig:
     #: ancestor state, node-local bytes) or "paper" (the paper's formulas as
     #: stated: saved FLOPs from the parent, bytes counting the path's KV).
     variant: str = "marconi"
+    #: Which nodes a hit refreshes: "deepest" (the matched node whose state is
+    #: used; the paper's rule) or "path" (every matched node, as LRU caches do).
+    refresh: str = "deepest"
     #: Paper-faithful single byte budget over KV + states (GB); None = SGLang's
     #: two pools, each budgeted by its own allocator.
     single_budget_gb: Optional[float] = None
@@ -149,6 +153,10 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
         elif key == "variant":
             if value not in VARIANTS:
                 raise _err(key, value, f"must be one of {', '.join(VARIANTS)}")
+            out[key] = value
+        elif key == "refresh":
+            if value not in REFRESH_MODES:
+                raise _err(key, value, f"must be one of {', '.join(REFRESH_MODES)}")
             out[key] = value
         elif key == "single_budget_gb":
             out[key] = None if value is None else _number(key, value, minimum=1e-9)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -40,6 +41,14 @@ logger = logging.getLogger(__name__)
 
 RequestRecord = tuple[tuple[int, ...], tuple[int, ...]]  # (input ids, output ids)
 ReplayFn = Callable[[Any, Sequence[RequestRecord], Sequence[RequestRecord], Sequence[float]], dict]
+
+
+def _background_priority() -> None:
+    """Tuner processes yield the CPU to the scheduler (lowest nice level)."""
+    try:
+        os.nice(19)
+    except OSError:
+        pass
 
 
 def best_alpha(scores: dict[float, float]) -> float:
@@ -98,7 +107,9 @@ class AlphaTuner:
     def _launch(self) -> None:
         if self._future is not None and not self._future.done():
             self.skipped_windows += 1
-            logger.warning("marconi: α tuning still running at request %d; skipping this window", self.requests_seen)
+            log = logger.warning if self.skipped_windows == 1 else logger.debug
+            log("marconi: α tuning still running at request %d; skipping this window (%d skipped so far)",
+                self.requests_seen, self.skipped_windows)
             return
         w = min(self.window, self.config.tuner_max_requests)
         log = list(self._log)
@@ -111,7 +122,9 @@ class AlphaTuner:
             return
         if self._executor is None:
             if self.config.tuner == "process":
-                self._executor = cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                self._executor = cf.ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_background_priority
+                )
             else:
                 self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="marconi-tuner")
         self._future = self._executor.submit(self.replay_fn, self.spec, warmup, window, alphas)

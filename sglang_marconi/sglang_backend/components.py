@@ -60,7 +60,13 @@ class MarconiMambaComponent(MambaComponent):
     def refresh_lru(self, phase, node, root_node) -> None:
         super().refresh_lru(phase, node, root_node)
         if phase is LRURefreshPhase.MATCH_END and node is not root_node:
-            self.marconi.stamp(node)
+            st = self.marconi
+            st.stamp(node)
+            if st.config.refresh == "path":
+                cur = node.parent
+                while cur is not None and cur is not root_node:
+                    st.stamp(cur)
+                    cur = cur.parent
 
     # -- insert ---------------------------------------------------------------
     def commit_insert_component_data(self, node, is_new_leaf, params, result, cache_actions) -> None:

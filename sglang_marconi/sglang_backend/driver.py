@@ -34,7 +34,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from ..policy.admission import AdmissionReason, Checkpoint, plan_request
+from ..policy.admission import Admission, AdmissionReason, MarconiAdmission, SGLangGridAdmission
 from .pools import BuiltCache
 
 
@@ -52,6 +52,12 @@ class RequestResult:
     @property
     def states_admitted(self) -> int:
         return sum(1 for _, _, ok in self.checkpoints if ok)
+
+
+def _mamba_ct():
+    from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
+
+    return ComponentType.MAMBA
 
 
 def _key(tokens: Sequence[int]) -> RadixKey:
@@ -75,6 +81,7 @@ class CacheDriver:
         kv_budget: Optional[int] = None,
         state_budget: Optional[int] = None,
         byte_budget: Optional[int] = None,
+        admission: Optional[Admission] = None,
     ):
         self.built = built
         self.cache = built.cache
@@ -86,6 +93,14 @@ class CacheDriver:
         if byte_budget is not None and self.marconi is None:
             raise ValueError("a single byte budget needs the marconi cache (evict_to_bytes)")
         self.initial_free = self.free_counts()
+        if admission is None:
+            if self.marconi is not None:
+                cfg = self.marconi.config
+                grid = self.cache.components[_mamba_ct()].mamba_checkpoint_grid
+                admission = MarconiAdmission(cfg.branch_points, grid)
+            else:
+                admission = SGLangGridAdmission(self.cache.components[_mamba_ct()].mamba_checkpoint_grid)
+        self.admission = admission
 
     # -- allocator helpers ----------------------------------------------------
     def free_counts(self) -> tuple[int, int]:
@@ -116,10 +131,6 @@ class CacheDriver:
         return out
 
     # -- one request ------------------------------------------------------------
-    def plan(self, input_len: int, committed: int, hit: int, match) -> list[Checkpoint]:
-        """Admission plan; SGLang's own admission is a different plan (replay)."""
-        return plan_request(input_len, committed, hit, match.mamba_branching_seqlen)
-
     def run(self, input_ids: Sequence[int], output_ids: Sequence[int]) -> RequestResult:
         if len(input_ids) == 0:
             raise ValueError("request has an empty input")
@@ -134,10 +145,11 @@ class CacheDriver:
         prefix = cache.path_device_indices(node)
         assert len(prefix) == hit, (len(prefix), hit)
 
+        reported = match.full_kv_hit_length if self.admission.oracle else hit
         result = RequestResult(
             input_len=len(input_ids),
-            hit_len=hit,
-            flops_saved=self.profile.prefill_flops(0, hit) if (self.profile is not None and hit) else 0.0,
+            hit_len=reported,
+            flops_saved=self.profile.prefill_flops(0, reported) if (self.profile is not None and reported) else 0.0,
         )
         try:
             row = torch.cat([prefix.to(torch.int64), self._alloc_kv(committed - hit).to(torch.int64)])
@@ -145,7 +157,7 @@ class CacheDriver:
             cache.dec_lock_ref(node, lock.to_dec_params())
             raise
         protected = hit  # row[:protected] are the tree's own indices
-        for cp in self.plan(len(input_ids), committed, hit, match):
+        for cp in self.admission.plan(len(input_ids), committed, hit, match.full_kv_hit_length):
             slot = self._alloc_state()
             params = InsertParams(
                 key=_key(tokens[: cp.position]),
