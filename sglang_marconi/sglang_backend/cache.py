@@ -54,6 +54,21 @@ class MarconiRadixCache(UnifiedRadixCache):
         super().__init__(params)
         self.marconi.root = self.tree_core.root_node
 
+    def evict(self, params):
+        """Count-driven eviction with the KV frees of the whole call batched into
+        one allocator call (SGLang's ``free_group``): the allocator's free list is
+        concatenated once per call instead of once per evicted node. Only for this
+        entry point: ``evict_for_alloc`` watches the allocator's free size while it
+        walks, so its frees must land immediately."""
+        alloc = self.token_to_kv_pool_allocator
+        if getattr(alloc, "free_group", ()) is not None:  # nested group, or no support
+            return super().evict(params)
+        alloc.free_group_begin()
+        try:
+            return super().evict(params)
+        finally:
+            alloc.free_group_end()
+
     # -- live scheduler hook: feed finished requests to the α tuner ----------
     def checkpoint_into_tree(self, req, *, up_to: int, **kwargs) -> None:
         super().checkpoint_into_tree(req, up_to=up_to, **kwargs)
