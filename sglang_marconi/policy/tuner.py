@@ -118,7 +118,12 @@ class AlphaTuner:
         alphas = list(self.config.alpha_grid)
         meta = (self.requests_seen, len(window))
         if self.config.tuner == "inline":
-            self._finish(meta, self.replay_fn(self.spec, warmup, window, alphas))
+            try:
+                scores = self.replay_fn(self.spec, warmup, window, alphas)
+            except Exception:  # like the off-thread modes: keep α, keep serving
+                logger.exception("marconi: α tuning replay failed; keeping α=%.2f", self.alpha)
+                return
+            self._finish(meta, scores)
             return
         if self._executor is None:
             if self.config.tuner == "process":

@@ -72,6 +72,9 @@ class MarconiRadixCache(UnifiedRadixCache):
     # -- live scheduler hook: feed finished requests to the α tuner ----------
     def checkpoint_into_tree(self, req, *, up_to: int, **kwargs) -> None:
         super().checkpoint_into_tree(req, up_to=up_to, **kwargs)
+        budget = self.marconi.config.single_budget_gb
+        if budget is not None:
+            self.evict_to_bytes(int(budget * GB))
         if req.finished():
             self.marconi.on_request_finished(req.origin_input_ids, req.output_ids)
 
@@ -97,7 +100,9 @@ class MarconiRadixCache(UnifiedRadixCache):
             st.on_eviction_call()
             leaves = self.tree_core.evictable_device_leaves
             cands = []
-            for node in set(leaves) | set(self.tree_core.lru_lists[ComponentType.MAMBA].cache.values()):
+            pool = {n.id: n for n in leaves}
+            pool.update(self.tree_core.lru_lists[ComponentType.MAMBA].cache)
+            for _, node in sorted(pool.items()):  # deterministic order: ties break alike every run
                 if node.component_data[ComponentType.MAMBA].lock_ref > 0 or len(node.children) > 1:
                     continue
                 if node not in leaves and node.component_data[ComponentType.MAMBA].value is None:

@@ -44,8 +44,7 @@ class MarconiMambaComponent(MambaComponent):
     # -- match ----------------------------------------------------------------
     def finalize_match_result_in_tree_core(self, result, params, value_chunks, best_value_len):
         result = super().finalize_match_result_in_tree_core(result, params, value_chunks, best_value_len)
-        st = self.marconi
-        st.tick()
+        st = self.marconi  # the clock ticked in refresh_lru(MATCH_END), which runs first
         st.counters.matches += 1
         if result.device_prefix_len > 0:
             st.counters.state_hits += 1
@@ -59,8 +58,13 @@ class MarconiMambaComponent(MambaComponent):
 
     def refresh_lru(self, phase, node, root_node) -> None:
         super().refresh_lru(phase, node, root_node)
-        if phase is LRURefreshPhase.MATCH_END and node is not root_node:
+        if phase is LRURefreshPhase.MATCH_END:
+            # Once per match, before the hit is stamped, so a hit is strictly
+            # more recent than every earlier insert.
             st = self.marconi
+            st.tick()
+            if node is root_node:
+                return
             st.stamp(node)
             if st.config.refresh == "path":
                 cur = node.parent

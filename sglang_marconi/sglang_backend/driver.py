@@ -54,6 +54,16 @@ class RequestResult:
         return sum(1 for _, _, ok in self.checkpoints if ok)
 
 
+@dataclass
+class _Held:
+    """What a request in flight holds: its locked node, the lock, and how far
+    (``protected``) its KV row is the tree's own."""
+
+    node: int
+    lock: object
+    protected: int
+
+
 def _mamba_ct():
     from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
@@ -156,36 +166,46 @@ class CacheDriver:
         except CapacityError:
             cache.dec_lock_ref(node, lock.to_dec_params())
             raise
-        protected = hit  # row[:protected] are the tree's own indices
+        held = _Held(node=node, lock=lock, protected=hit)  # row[:protected] are the tree's own indices
+        try:
+            self._checkpoint(input_ids, tokens, committed, hit, match, row, held, result)
+        finally:
+            # Normally the last checkpoint reaches `committed`; on a CapacityError
+            # mid-plan the request gives back what it still holds.
+            if held.protected < committed:
+                self.built.kv_allocator.free(row[held.protected : committed])
+            cache.dec_lock_ref(held.node, held.lock.to_dec_params())
+        if self.marconi is not None:
+            self.marconi.on_request_finished(input_ids, output_ids)
+        self.enforce_budget()
+        return result
+
+    def _checkpoint(self, input_ids, tokens, committed, hit, match, row, held, result) -> None:
+        """Insert the admission plan's checkpoints in order, moving the request's
+        lock onto each inserted node and advancing how far the tree owns the row."""
+        cache = self.cache
         for cp in self.admission.plan(len(input_ids), committed, hit, match.full_kv_hit_length):
             slot = self._alloc_state()
             params = InsertParams(
                 key=_key(tokens[: cp.position]),
                 value=row[: cp.position],
                 mamba_value=slot,
-                prev_prefix_len=protected,  # the tree frees our duplicates past this
+                prev_prefix_len=held.protected,  # the tree frees our duplicates past this
             )
             params.marconi_reason = cp.reason
             res = cache.insert(params)
-            if res.prefix_len > protected:
+            if res.prefix_len > held.protected:
                 # The tree already had these tokens and freed our copies: use its own.
-                row[protected : res.prefix_len] = cache.path_device_indices(res.last_device_node)[
-                    protected : res.prefix_len
+                row[held.protected : res.prefix_len] = cache.path_device_indices(res.last_device_node)[
+                    held.protected : res.prefix_len
                 ]
             if res.mamba_exist:
                 self.built.mamba_allocator.free(slot)
-            protected = max(protected, cp.position)
+            held.protected = max(held.protected, cp.position)
             result.checkpoints.append((cp.position, cp.reason.value, not res.mamba_exist))
             new_lock = cache.inc_lock_ref(res.last_device_node)
-            cache.dec_lock_ref(node, lock.to_dec_params())
-            node, lock = res.last_device_node, new_lock
-        if protected < committed:  # no checkpoint reached the end: free the tail
-            self.built.kv_allocator.free(row[protected:committed])
-        cache.dec_lock_ref(node, lock.to_dec_params())
-        if self.marconi is not None:
-            self.marconi.on_request_finished(input_ids, output_ids)
-        self.enforce_budget()
-        return result
+            cache.dec_lock_ref(held.node, held.lock.to_dec_params())
+            held.node, held.lock = res.last_device_node, new_lock
 
     # -- budgets --------------------------------------------------------------
     def tree_kv_tokens(self) -> int:

@@ -1,0 +1,308 @@
+"""Marconi's admission (speculative insertion) through the real SGLang cache.
+
+Every request goes through ``CacheDriver.run`` (match on input[:-1], branch
+checkpoint during prefill, last-token state at finish) on a real
+``MarconiRadixCache`` with real pools.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
+
+from sglang_marconi.policy.admission import AdmissionReason
+
+MAMBA = ComponentType.MAMBA
+FULL = ComponentType.FULL
+BP = AdmissionReason.BRANCH_POINT.value
+LT = AdmissionReason.LAST_TOKEN.value
+
+
+def walk(node):
+    for c in node.children.values():
+        yield c
+        yield from walk(c)
+
+
+def state_positions(built):
+    """Sorted token positions (node ends) that hold an SSM state."""
+    st = built.cache.marconi
+    return sorted(st.node_end(n) for n in walk(built.cache.tree_core.root_node) if n.component_data[MAMBA].value is not None)
+
+
+def toks(start, n):
+    return list(range(start, start + n))
+
+
+# ----------------------------------------------------------------- purely-input reuse
+
+
+def test_shared_system_prompt_exact(make_marconi):
+    built, drv = make_marconi()
+    system = toks(1000, 40)
+    r1 = drv.run(system + [1, 2, 3], [7, 8, 9])
+    r2 = drv.run(system + [4, 5, 6], [7, 8])
+    r3 = drv.run(system + [10, 11], [12])
+    # Request 1 builds the path, admitting only its last-token state.
+    assert r1.hit_len == 0
+    assert r1.checkpoints == [(45, LT, True)]
+    # Request 2 diverges at token 40: the branch checkpoint lands exactly there; it saves nothing.
+    assert r2.hit_len == 0 and r2.flops_saved == 0.0
+    assert r2.checkpoints == [(40, BP, True), (44, LT, True)]
+    # Request 3 hits the whole system prompt.
+    assert r3.hit_len == 40
+    assert r3.flops_saved == pytest.approx(built.cache.marconi.profile.prefill_flops(0, 40))
+    assert r3.checkpoints == [(42, LT, True)]
+    assert state_positions(built) == [40, 42, 44, 45]
+    # Further requests keep hitting the prompt without new branch points.
+    r4 = drv.run(system + [20, 21, 22, 23], [24])
+    assert r4.hit_len == 40 and [c[1] for c in r4.checkpoints] == [LT]
+
+
+def test_branch_point_at_first_differing_token(make_marconi):
+    built, drv = make_marconi()
+    base = toks(5000, 70)
+    drv.run(base, [1, 2])
+    prev = 0
+    for d in (13, 37, 55):
+        other = base[:d] + toks(9000 + d * 100, 20)
+        r = drv.run(other, [3])
+        bps = [c for c in r.checkpoints if c[1] == BP]
+        assert bps == [(d, BP, True)]
+        assert r.hit_len == prev  # the deepest earlier branch state on this prefix
+        again = drv.run(base[:d] + toks(7000 + d * 100, 5), [4])
+        assert again.hit_len == d
+        prev = d
+
+
+def test_mamba_checkpoint_grid_is_sglang_chunk_size(make_marconi):
+    built, _ = make_marconi(branch_points="grid")
+    comp = built.cache.components[MAMBA]
+    # page_size 1 -> grid = lcm(mamba_cache_chunk_size, 1) = 64 (pools._ensure_server_args)
+    assert comp.mamba_cache_chunk_size == 64
+    assert comp.mamba_checkpoint_grid == 64
+
+
+def test_shared_system_prompt_grid_mode(make_marconi):
+    built, drv = make_marconi(branch_points="grid")
+    grid = built.cache.components[MAMBA].mamba_checkpoint_grid
+    system = toks(1000, 150)
+    r1 = drv.run(system + [1, 2, 3], [7, 8, 9])
+    r2 = drv.run(system + [4, 5, 6], [7, 8])
+    r3 = drv.run(system + [10, 11], [12])
+    assert r1.checkpoints == [(155, LT, True)]
+    # The branch point floors to SGLang's checkpoint grid: 150 -> 128.
+    assert (150 // grid) * grid == 128
+    assert r2.hit_len == 0
+    assert r2.checkpoints == [(128, BP, True), (154, LT, True)]
+    # The third request hits only the grid-aligned state: the tail 128..150 is lost.
+    assert r3.hit_len == 128
+    assert [c[1] for c in r3.checkpoints] == [LT]
+    assert state_positions(built) == [128, 152, 154, 155]
+
+
+def test_grid_mode_short_prefix_gets_no_branch_point(make_marconi):
+    _, drv = make_marconi(branch_points="grid")
+    system = toks(1000, 40)  # shorter than one grid step
+    drv.run(system + [1, 2], [3])
+    r2 = drv.run(system + [4, 5], [6])
+    r3 = drv.run(system + [7, 8], [9])
+    assert [c[1] for c in r2.checkpoints] == [LT]
+    assert r3.hit_len == 0
+
+
+# ----------------------------------------------------------------- input + output reuse
+
+
+def test_multi_turn_hits_previous_input_plus_output(make_marconi):
+    built, drv = make_marconi()
+    rng = random.Random(1)
+    inp = toks(100, 30)
+    nxt = 20000
+    prev_committed = None
+    for turn in range(6):
+        out = toks(nxt, rng.randint(1, 12))
+        nxt += 100
+        r = drv.run(inp, out)
+        committed = len(inp) + len(out) - 1
+        if prev_committed is None:
+            assert r.hit_len == 0
+        else:
+            # turn k+1 hits everything turn k committed: len(input_k) + len(output_k) - 1
+            assert r.hit_len == prev_committed
+            assert r.flops_saved == pytest.approx(built.cache.marconi.profile.prefill_flops(0, prev_committed))
+        # exactly one state per turn: the last decoded token's (committed length)
+        assert r.checkpoints == [(committed, LT, True)]
+        assert r.states_admitted == 1
+        assert committed in state_positions(built)
+        prev_committed = committed
+        inp = inp + out + toks(nxt, rng.randint(1, 10))
+        nxt += 100
+    c = built.cache.marconi.counters
+    assert c.admitted[AdmissionReason.LAST_TOKEN] == 6
+    assert c.admitted[AdmissionReason.BRANCH_POINT] == 0
+
+
+def test_next_turn_hit_len_is_committed_length(make_marconi):
+    _, drv = make_marconi()
+    inp = toks(100, 25)
+    out = toks(300, 8)
+    r1 = drv.run(inp, out)
+    assert r1.checkpoints == [(32, LT, True)]
+    inp2 = inp + out + toks(500, 6)
+    r2 = drv.run(inp2, toks(600, 4))
+    # len(input_1) + len(output_1) - 1: the last sampled token never ran through the model
+    assert r2.hit_len == len(inp) + len(out) - 1 == 32
+    assert r2.checkpoints == [(len(inp2) + 4 - 1, LT, True)]
+    # single-token output: committed == input length
+    inp3 = inp2 + toks(600, 4) + [1]
+    r3 = drv.run(inp3, [2])
+    assert r3.hit_len == len(inp2) + 4 - 1
+    assert r3.checkpoints == [(len(inp3), LT, True)]
+    r4 = drv.run(inp3 + [2, 3], [4])
+    assert r4.hit_len == len(inp3)
+
+
+# ----------------------------------------------------------------- per-request bounds
+
+
+def test_every_request_admits_at_most_two_states_at_documented_positions(make_marconi):
+    built, drv = make_marconi(kv_slots=20000, mamba_slots=2000)
+    rng = random.Random(7)
+    prefixes = [toks(10000 * (i + 1), rng.randint(5, 60)) for i in range(4)]
+    history = []
+    mfree0 = built.mamba_allocator.available_size()
+    for i in range(200):
+        choice = rng.random()
+        if history and choice < 0.4:
+            inp, out = rng.choice(history)
+            inp = inp + out + [rng.randint(1, 50) for _ in range(rng.randint(1, 6))]
+        elif history and choice < 0.55:
+            inp, _ = rng.choice(history)
+            cut = rng.randint(1, len(inp))
+            inp = inp[:cut] + [rng.randint(1, 50) for _ in range(rng.randint(1, 6))]
+        else:
+            inp = rng.choice(prefixes) + [rng.randint(1, 50) for _ in range(rng.randint(1, 8))]
+        out = [rng.randint(51, 99) for _ in range(rng.randint(0, 5))]
+        states_before = len(state_positions(built))
+        r = drv.run(inp, out)
+        committed = len(inp) + max(len(out) - 1, 0)
+        assert len(r.checkpoints) <= 2
+        assert r.checkpoints[-1][:2] == (committed, LT)
+        if len(r.checkpoints) == 2:
+            pos, why, _ = r.checkpoints[0]
+            assert why == BP
+            assert r.hit_len < pos <= len(inp) and pos < committed
+        assert 0 <= r.hit_len <= len(inp) - 1
+        # admitted flags agree with the tree: new states == admitted count
+        states_after = state_positions(built)
+        assert len(states_after) == states_before + r.states_admitted
+        for pos, _, _ in r.checkpoints:
+            assert pos in states_after
+        history.append((inp, out))
+    # every state slot is either free or held by the tree
+    assert built.mamba_allocator.available_size() + len(state_positions(built)) == mfree0
+
+
+def test_state_already_cached_is_not_admitted_twice(make_marconi):
+    built, drv = make_marconi()
+    inp, out = toks(100, 20), toks(500, 5)
+    r1 = drv.run(inp, out)
+    assert r1.checkpoints == [(24, LT, True)]
+    free_before = built.mamba_allocator.available_size()
+    r2 = drv.run(inp, out)
+    # The match (input[:-1], 19 tokens) ends inside the cached edge: branch point at 19 (new),
+    # the last-token state at 24 exists already and is not admitted again.
+    assert r2.hit_len == 0
+    assert r2.checkpoints == [(19, BP, True), (24, LT, False)]
+    assert r2.states_admitted == 1
+    assert built.mamba_allocator.available_size() == free_before - 1
+    r3 = drv.run(inp, out)
+    assert r3.hit_len == 19
+    assert r3.checkpoints == [(24, LT, False)]
+    assert r3.states_admitted == 0
+    assert built.mamba_allocator.available_size() == free_before - 1
+    assert state_positions(built) == [19, 24]
+    c = built.cache.marconi.counters
+    assert c.admitted[AdmissionReason.BRANCH_POINT] == 1
+    assert c.admitted[AdmissionReason.LAST_TOKEN] == 1
+
+
+def test_branch_in_the_middle_of_a_history(make_marconi):
+    built, drv = make_marconi()
+    system = toks(100, 30)
+    u1, a1 = toks(200, 10), toks(300, 12)
+    u2, a2 = toks(400, 15), toks(500, 9)
+    u3, a3 = toks(600, 7), toks(700, 5)
+    t1 = system + u1
+    t2 = t1 + a1 + u2
+    t3 = t2 + a2 + u3
+    drv.run(t1, a1)
+    drv.run(t2, a2)
+    drv.run(t3, a3)
+    # Edit the user message of turn 2 at its 6th token (a retry with another text).
+    k = 5
+    u2x = u2[:k] + toks(4000, 8)
+    t2x = t1 + a1 + u2x
+    divergence = len(t1) + len(a1) + k
+    r = drv.run(t2x, toks(800, 4))
+    # Hit: the turn-1 state (committed length of turn 1).
+    assert r.hit_len == len(t1) + len(a1) - 1
+    assert r.checkpoints == [(divergence, BP, True), (len(t2x) + 3, LT, True)]
+    assert divergence in state_positions(built)
+    # A later retry of turn 2 with yet another text hits exactly the divergence point.
+    r2 = drv.run(t1 + a1 + u2[:k] + toks(5000, 3), [1])
+    assert r2.hit_len == divergence
+    # and the original conversation still hits its full history
+    r3 = drv.run(t3 + a3 + [9, 9], [1])
+    assert r3.hit_len == len(t3) + len(a3) - 1
+
+
+def test_edit_right_at_the_turn_boundary(make_marconi):
+    """Divergence right after the previous turn's committed state: the branch
+    point is one token past the hit (the last sampled token of turn 1)."""
+    built, drv = make_marconi()
+    t1, a1 = toks(100, 20), toks(300, 6)
+    drv.run(t1, a1)
+    drv.run(t1 + a1 + toks(400, 10), [1, 2])
+    r = drv.run(t1 + a1 + toks(900, 10), [3, 4])
+    c1 = len(t1) + len(a1) - 1
+    assert r.hit_len == c1
+    assert r.checkpoints[0] == (c1 + 1, BP, True)
+
+
+# ----------------------------------------------------------------- counters
+
+
+def test_counters_match_admitted_checkpoints(make_marconi):
+    built, drv = make_marconi(kv_slots=8000, mamba_slots=500)
+    rng = random.Random(3)
+    sys_prompts = [toks(10000 * (i + 1), 40 + 10 * i) for i in range(3)]
+    want = {BP: 0, LT: 0}
+    hits = 0
+    hit_tokens = 0
+    n = 0
+    for i in range(120):
+        inp = rng.choice(sys_prompts) + [rng.randint(1, 30) for _ in range(rng.randint(1, 5))]
+        out = [rng.randint(31, 60) for _ in range(rng.randint(1, 4))]
+        r = drv.run(inp, out)
+        n += 1
+        for _, why, ok in r.checkpoints:
+            want[why] += ok
+        hits += r.hit_len > 0
+        hit_tokens += r.hit_len
+    c = built.cache.marconi.counters
+    assert c.admitted[AdmissionReason.BRANCH_POINT] == want[BP] > 0
+    assert c.admitted[AdmissionReason.LAST_TOKEN] == want[LT] > 0
+    d = c.as_dict()
+    assert d["admitted_branch_point"] == want[BP]
+    assert d["admitted_last_token"] == want[LT]
+    assert c.matches == n
+    assert c.state_hits == hits
+    assert c.hit_tokens == hit_tokens
+    # nothing was evicted with these pool sizes
+    assert c.state_evictions == 0 and c.leaf_evictions == 0
+    assert len(state_positions(built)) == want[BP] + want[LT]

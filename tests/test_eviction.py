@@ -1,0 +1,550 @@
+"""Eviction order on small hand-computed cases through the real SGLang cache.
+
+Logical clock (MarconiState): +1 per match, per insert commit and per eviction
+call. A request through the driver with no branch point is one match and one
+insert, so with nothing else happening the k-th such request's leaf is stamped
+2k. An eviction call ticks once and scores candidates at ``now = clock + 1``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
+
+from sglang_marconi.policy.utility import utilities, Candidate
+
+MAMBA = ComponentType.MAMBA
+FULL = ComponentType.FULL
+BIG = 10**9
+
+
+def toks(start, n):
+    return list(range(start, start + n))
+
+
+def walk(node):
+    for c in node.children.values():
+        yield c
+        yield from walk(c)
+
+
+def nodes(built):
+    return list(walk(built.cache.tree_core.root_node))
+
+
+def has_state(node):
+    return node.component_data[MAMBA].value is not None
+
+
+def live(built, node):
+    """Is ``node`` still attached to the tree?"""
+    cur = node
+    root = built.cache.tree_core.root_node
+    while cur is not None and cur is not root:
+        p = cur.parent
+        if p is None or p.children.get(cur.key.child_key(built.cache.tree_core.page_size)) is not cur:
+            return False
+        cur = p
+    return cur is root
+
+
+def node_ending_at(built, end, tokens_prefix=None):
+    st = built.cache.marconi
+    found = [n for n in nodes(built) if st.node_end(n) == end]
+    if tokens_prefix is not None:
+        found = [n for n in found if list(path_tokens(built, n)) == list(tokens_prefix[:end])]
+    assert len(found) == 1, (end, found)
+    return found[0]
+
+
+def path_tokens(built, node):
+    parts = []
+    root = built.cache.tree_core.root_node
+    while node is not root:
+        parts.append(list(node.key.token_ids))
+        node = node.parent
+    return [t for p in reversed(parts) for t in p]
+
+
+def evict_states(built, k=1):
+    return built.cache.evict(EvictParams(num_tokens=0, mamba_num=k))
+
+
+def evict_tokens(built, k):
+    return built.cache.evict(EvictParams(num_tokens=k))
+
+
+def evict_all(built):
+    return built.cache.evict(EvictParams(num_tokens=BIG, mamba_num=BIG))
+
+
+def tree_kv_tokens(built):
+    return sum(len(n.component_data[FULL].value) for n in nodes(built) if n.component_data[FULL].value is not None)
+
+
+# ------------------------------------------------------------------ α = 0: recency
+
+
+def test_alpha0_evicts_least_recent_state_first(make_marconi):
+    built, drv = make_marconi(alpha=0.0)
+    st = built.cache.marconi
+    reqs = [toks(1000 * (i + 1), 10 + i) for i in range(4)]
+    for r in reqs:
+        drv.run(r, [1])  # committed = len(r)
+    leaves = [node_ending_at(built, len(r), r) for r in reqs]
+    assert [n.marconi_t for n in leaves] == [2.0, 4.0, 6.0, 8.0]
+    for i in range(4):
+        res = evict_states(built, 1)
+        assert res.mamba_num_evicted == 1
+        # the least recent remaining leaf is deleted, with its KV
+        assert not live(built, leaves[i])
+        assert all(live(built, n) for n in leaves[i + 1 :])
+    assert nodes(built) == []
+    assert st.counters.state_evictions == 4 and st.counters.leaf_evictions == 4
+
+
+def test_alpha0_kv_eviction_deletes_least_recent_leaf(make_marconi):
+    built, drv = make_marconi(alpha=0.0)
+    reqs = [toks(1000 * (i + 1), 10 + 5 * i) for i in range(4)]
+    for r in reqs:
+        drv.run(r, [1])
+    leaves = [node_ending_at(built, len(r), r) for r in reqs]
+    kv0, st0 = drv.free_counts()
+    res = evict_tokens(built, 1)
+    assert res.num_tokens_evicted == 10  # the whole oldest leaf
+    assert res.mamba_num_evicted == 1  # with its state
+    assert not live(built, leaves[0]) and all(live(built, n) for n in leaves[1:])
+    assert drv.free_counts() == (kv0 + 10, st0 + 1)
+    # 16 tokens more: leaf 2 (15 tokens) is not enough, leaf 3 goes too
+    res = evict_tokens(built, 16)
+    assert res.num_tokens_evicted == 15 + 20
+    assert [live(built, n) for n in leaves] == [False, False, False, True]
+
+
+def test_hit_refreshes_only_the_deepest_matched_node(make_marconi):
+    """A request hitting a long path stamps its end node, not the shared
+    ancestor states along the path (SGLang's stock policy refreshes the path)."""
+    built, drv = make_marconi(alpha=0.0)
+    st = built.cache.marconi
+    t1 = toks(100, 20)
+    o1 = [200, 201]
+    drv.run(t1, o1)  # L1 at 21
+    t2 = t1 + o1 + toks(300, 5)
+    o2 = [400, 401]
+    drv.run(t2, o2)  # hits L1, L2 at 28
+    u = toks(5000, 30)
+    drv.run(u, [1])  # unrelated U at 30
+    drv.run(toks(6000, 8), [1])  # unrelated V at 8 (more recent than U)
+    t3 = t2 + o2 + toks(500, 4)
+    r3 = drv.run(t3, [600])  # hits L2 (the deepest state), L3 at 33
+    assert r3.hit_len == 28
+    L1 = node_ending_at(built, 21)
+    L2 = node_ending_at(built, 28)
+    U = node_ending_at(built, 30)
+    # L1 was last used by turn 2's match; turn 3's hit did not touch it.
+    assert L1.marconi_t < U.marconi_t < L2.marconi_t
+    evict_states(built, 1)
+    # The shared ancestor's state goes first; its KV stays (internal node).
+    assert live(built, L1) and not has_state(L1)
+    assert L1.component_data[FULL].value is not None and len(L1.component_data[FULL].value) == 21
+    assert has_state(U) and has_state(L2)
+    evict_states(built, 1)
+    assert not live(built, U) and has_state(L2)
+    # turn 3's history is still reusable from L2 even though L1 is gone
+    r4 = drv.run(t3 + [600, 7, 8], [9])
+    assert r4.hit_len == len(t3)
+
+
+def test_refresh_path_mode_refreshes_ancestors(make_marconi):
+    """Same trace with ``refresh="path"`` (LRU-style): the hit on L2 also
+    refreshes L1, so the unrelated U is now the least recent state."""
+    built, drv = make_marconi(alpha=0.0, refresh="path")
+    t1, o1 = toks(100, 20), [200, 201]
+    drv.run(t1, o1)
+    t2, o2 = t1 + o1 + toks(300, 5), [400, 401]
+    drv.run(t2, o2)
+    drv.run(toks(5000, 30), [1])
+    drv.run(toks(6000, 8), [1])
+    drv.run(t2 + o2 + toks(500, 4), [600])
+    L1, U = node_ending_at(built, 21), node_ending_at(built, 30)
+    assert L1.marconi_t > U.marconi_t
+    evict_states(built, 1)
+    assert not live(built, U) and has_state(L1)
+
+
+def test_hit_is_strictly_more_recent_than_earlier_inserts(make_marconi):
+    built, drv = make_marconi(alpha=0.0)
+    a = toks(1, 10)
+    drv.run(a, [11, 12])  # A: leaf at 11, stamped 2
+    drv.run(toks(50, 11), [61])  # B: leaf at 11, stamped 4
+    drv.run(a + [11, 13, 14], [15])  # hits A (at clock 4 -> 5), new leaf C
+    A = node_ending_at(built, 11, a + [11])
+    B = node_ending_at(built, 11, toks(50, 11))
+    assert has_state(A) and has_state(B)
+    # A was used by the third request, after B was inserted by the second.
+    evict_states(built, 1)
+    assert not live(built, B), "LRU must evict B (last used by request 2) before A (hit by request 3)"
+    assert has_state(A)
+
+
+# ------------------------------------------------------------------ α large: efficiency
+
+
+def _leaf_candidate(profile, end, t):
+    """Expected Candidate of a leaf [0, end) under root (marconi variant, deleting it)."""
+    flops = profile.flops_saved(0, end, replay_from=0)
+    nbytes = profile.kv_bytes(end) + profile.ssm_state_bytes()
+    return Candidate(key=end, last_access=t, flops_saved=flops, nbytes=nbytes)
+
+
+@pytest.mark.parametrize("pool", ["mamba", "kv"])
+def test_large_alpha_evicts_low_efficiency_first(make_marconi, pool):
+    built, drv = make_marconi(alpha=10.0, kv_slots=4096)
+    st = built.cache.marconi
+    prof = st.profile
+    st.log_evictions = True
+    lengths = [1200, 10, 50, 300]  # the long-context node is the least recent
+    for i, n in enumerate(lengths):
+        drv.run(toks(10000 * (i + 1), n), [1])
+    ends = lengths
+    effs = [prof.flops_saved(0, n, replay_from=0) / (prof.kv_bytes(n) + prof.ssm_state_bytes()) for n in ends]
+    # FLOPs saved per byte grows with context: the 10-token node is the least efficient
+    assert sorted(range(4), key=lambda i: effs[i]) == [1, 2, 3, 0]
+    assert st.clock == 8.0
+    now = st.clock + 2  # the eviction call ticks once, then scores at clock + 1
+    cands = [_leaf_candidate(prof, n, 2.0 * (i + 1)) for i, n in enumerate(ends)]
+    for c in cands:
+        node = node_ending_at(built, c.key)
+        got = st.candidate(node, frees_kv=True)
+        assert got.flops_saved == pytest.approx(c.flops_saved)
+        assert got.nbytes == c.nbytes
+        assert got.last_access == c.last_access
+    scores = utilities(cands, 10.0, now)
+    expected = [ends[i] for i in sorted(range(4), key=lambda i: (scores[i], cands[i].last_access))]
+    assert expected[0] == 10 and expected[-1] == 1200
+    if pool == "mamba":
+        evict_states(built, 4)
+    else:
+        evict_tokens(built, sum(lengths))
+    order = [end for _, end, _, _ in st.counters.eviction_log]
+    assert order == expected
+    logged = [u for _, _, _, u in st.counters.eviction_log]
+    assert logged == pytest.approx(sorted(scores))
+
+
+def test_alpha_zero_vs_large_on_same_tree(make_marconi):
+    """Same tree, same clock: α = 0 evicts the oldest (long) node, α = 10 the short one."""
+    firsts = {}
+    for alpha in (0.0, 10.0):
+        built, drv = make_marconi(alpha=alpha, kv_slots=4096)
+        drv.run(toks(10000, 1500), [1])
+        drv.run(toks(20000, 12), [1])
+        drv.run(toks(30000, 14), [1])
+        st = built.cache.marconi
+        st.log_evictions = True
+        evict_states(built, 1)
+        firsts[alpha] = st.counters.eviction_log[0][1]
+    assert firsts == {0.0: 1500, 10.0: 12}
+
+
+# ------------------------------------------------------------------ tombstones
+
+
+def _chain(drv, base, lens):
+    """A multi-turn session whose turns commit exactly at the cumulative ``lens``."""
+    inp = toks(base, lens[0])
+    seq = []
+    for k, end in enumerate(lens):
+        out = [base + 900000 + k]
+        need = end - len(inp)  # committed = len(inp) + len(out) - 1 = len(inp)
+        assert need >= 0
+        inp = inp + toks(base + 1000 * (k + 1), need)
+        drv.run(inp, out)
+        seq = inp
+        inp = inp + out
+    return seq
+
+
+@pytest.mark.parametrize("variant", ["marconi", "paper"])
+def test_tombstoned_ancestor_changes_replay_distance(make_marconi, variant):
+    built, drv = make_marconi(alpha=0.0, variant=variant)
+    st = built.cache.marconi
+    prof = st.profile
+    S = prof.ssm_state_bytes()
+    _chain(drv, 10**6, [100, 201, 302])
+    # turn k+1's input includes turn k's output token: states at 100, 201, 302
+    A, B, C = (node_ending_at(built, e) for e in (100, 201, 302))
+    assert [len(n.key) for n in (A, B, C)] == [100, 101, 101]
+    assert st.replay_from(B) == 100 and st.replay_from(C) == 201
+    cb = st.candidate(B, frees_kv=False)
+    assert cb.flops_saved == pytest.approx(prof.flops_saved(100, 201))
+    if variant == "marconi":
+        assert cb.nbytes == S
+    else:
+        assert cb.nbytes == prof.kv_bytes(201) + S
+
+    # Evict the oldest state: A (an internal node) loses its state, keeps its KV.
+    kv_before, st_before = drv.free_counts()
+    evict_states(built, 1)
+    assert live(built, A) and not has_state(A)
+    assert len(A.component_data[FULL].value) == 100
+    assert drv.free_counts() == (kv_before, st_before + 1)
+    assert st.replay_from(B) == 0 and st.replay_from(C) == 201
+
+    cb = st.candidate(B, frees_kv=False)
+    if variant == "marconi":
+        # a miss on B now replays from the root
+        assert cb.flops_saved == pytest.approx(prof.flops_saved(100, 201, replay_from=0))
+        assert cb.flops_saved == pytest.approx(prof.prefill_flops(0, 201))
+    else:
+        # the paper's formula: saved FLOPs from the parent, whatever holds a state
+        assert cb.flops_saved == pytest.approx(prof.flops_saved(100, 201))
+    # a node without a state saves nothing
+    assert st.candidate(A, frees_kv=False).flops_saved == 0.0
+
+    # Tombstone B too: C now replays from 0 in the marconi variant.
+    B_t = B.marconi_t
+    evict_states(built, 1)
+    assert not has_state(B) and live(built, B) and B.marconi_t == B_t
+    cc = st.candidate(C, frees_kv=True)
+    if variant == "marconi":
+        assert st.replay_from(C) == 0
+        assert cc.flops_saved == pytest.approx(prof.prefill_flops(0, 302))
+        assert cc.nbytes == prof.kv_bytes(101) + S
+    else:
+        assert cc.flops_saved == pytest.approx(prof.prefill_flops(201, 302))
+        assert cc.nbytes == prof.kv_bytes(302) + S
+    # hits now only come from C (the whole history) or nothing
+    r = drv.run(path_tokens(built, C) + [5, 6], [7])
+    assert r.hit_len == 302
+
+
+@pytest.mark.parametrize("variant", ["marconi", "paper"])
+def test_tombstone_raises_descendant_priority_only_in_marconi_variant(make_marconi, variant):
+    """Two identical sessions X (older) and Y. X's first state is tombstoned.
+    With α large, the marconi variant keeps X's middle state (a miss there
+    would now replay from the root) and evicts Y's; the paper variant scores
+    both middles equally and falls back to recency (X's goes first)."""
+    built, drv = make_marconi(alpha=10.0, variant=variant)
+    st = built.cache.marconi
+    _chain(drv, 10**6, [100, 201, 302])
+    _chain(drv, 2 * 10**6, [100, 201, 302])
+    xs = [n for n in nodes(built) if path_tokens(built, n)[0] == 10**6]
+    ys = [n for n in nodes(built) if path_tokens(built, n)[0] == 2 * 10**6]
+    by_end = lambda ns: {st.node_end(n): n for n in ns}  # noqa: E731
+    X, Y = by_end(xs), by_end(ys)
+    built.cache._tombstone_state(X[100])
+    assert not has_state(X[100])
+    # Pin the leaves (and Y's first state) so the only candidates are the two middles.
+    locks = []
+    for n in (X[302], Y[302], Y[100]):
+        locks.append((n, built.cache.inc_lock_ref(n.id).to_dec_params()))
+    ex, ey = (st.candidate(n, frees_kv=False).efficiency for n in (X[201], Y[201]))
+    if variant == "marconi":
+        assert ex > ey
+    else:
+        assert ex == pytest.approx(ey)
+    assert X[201].marconi_t < Y[201].marconi_t
+    evict_states(built, 1)
+    if variant == "marconi":
+        assert has_state(X[201]) and not has_state(Y[201])
+    else:
+        assert not has_state(X[201]) and has_state(Y[201])
+    for n, rec in locks:
+        built.cache.dec_lock_ref(n.id, rec)
+
+
+# ------------------------------------------------------------------ locks
+
+
+def test_locked_nodes_are_never_evicted(make_marconi):
+    built, drv = make_marconi(alpha=1.0)
+    kv0, st0 = drv.initial_free
+    system = toks(100, 40)
+    drv.run(system + [1, 2, 3], [4, 5])
+    drv.run(system + [6, 7, 8], [9])  # branch state at 40
+    drv.run(toks(9000, 25), [1])
+    leaf = node_ending_at(built, 43, system + [6, 7, 8])
+    branch = node_ending_at(built, 40)
+    assert has_state(branch) and len(branch.children) == 2
+    leaf_kv = leaf.component_data[FULL].value.clone()
+    leaf_state = leaf.component_data[MAMBA].value.clone()
+    branch_state = branch.component_data[MAMBA].value.clone()
+    rl = built.cache.inc_lock_ref(leaf.id).to_dec_params()
+    rb = built.cache.inc_lock_ref(branch.id).to_dec_params()
+    evict_all(built)
+    # locked: still in the tree with their KV and states; the path to root keeps its KV
+    assert live(built, leaf) and live(built, branch)
+    assert torch.equal(leaf.component_data[FULL].value, leaf_kv)
+    assert torch.equal(leaf.component_data[MAMBA].value, leaf_state)
+    assert torch.equal(branch.component_data[MAMBA].value, branch_state)
+    assert set(nodes(built)) == {branch, leaf}
+    assert built.cache.full_protected_size() == 43 and built.cache.full_evictable_size() == 0
+    assert built.cache.mamba_protected_size() == 2 and built.cache.mamba_evictable_size() == 0
+    # Unlock the leaf only: it goes, the locked branch node (now a leaf) stays.
+    built.cache.dec_lock_ref(leaf.id, rl)
+    evict_all(built)
+    assert not live(built, leaf) and live(built, branch) and has_state(branch)
+    assert set(nodes(built)) == {branch}
+    built.cache.dec_lock_ref(branch.id, rb)
+    evict_all(built)
+    assert nodes(built) == []
+    assert drv.free_counts() == (kv0, st0)
+
+
+def test_locked_internal_state_survives_state_eviction(make_marconi):
+    built, drv = make_marconi(alpha=0.0)
+    _chain(drv, 10**6, [100, 201, 302])
+    A, B, C = (node_ending_at(built, e) for e in (100, 201, 302))
+    rec = built.cache.inc_lock_ref(A.id).to_dec_params()
+    res = evict_states(built, 3)
+    # A is the least recent but locked: B and C go instead.
+    assert has_state(A)
+    assert res.mamba_num_evicted == 2
+    assert live(built, B) and not has_state(B)  # tombstoned internal node
+    assert not live(built, C)  # the leaf went with its state
+    assert [n for n in nodes(built) if has_state(n)] == [A]
+    built.cache.dec_lock_ref(A.id, rec)
+    evict_states(built, 1)
+    assert not has_state(A)
+
+
+# ------------------------------------------------------------------ two pools
+
+
+def test_state_eviction_keeps_internal_kv_and_kv_eviction_deletes_leaf_with_state(make_marconi):
+    built, drv = make_marconi(alpha=0.0)
+    seq = _chain(drv, 10**6, [100, 201, 302])
+    A, B, C = (node_ending_at(built, e) for e in (100, 201, 302))
+    kv0, st0 = drv.free_counts()
+    res = evict_states(built, 2)  # A then B: both internal -> tombstones
+    assert res.mamba_num_evicted == 2 and res.num_tokens_evicted == 0
+    assert all(live(built, n) for n in (A, B, C))
+    assert not has_state(A) and not has_state(B) and has_state(C)
+    assert tree_kv_tokens(built) == 302
+    assert drv.free_counts() == (kv0, st0 + 2)
+    # KV eviction: the leaf goes with its state, then the state-less ancestors
+    res = evict_tokens(built, 1)
+    assert not live(built, C) and live(built, B)
+    assert res.num_tokens_evicted == 101 and res.mamba_num_evicted == 1
+    assert drv.free_counts() == (kv0 + 101, st0 + 3)
+    # B is now a state-less leaf: KV-only, evicted by the KV pool
+    res = evict_tokens(built, 150)
+    assert res.num_tokens_evicted == 201 and res.mamba_num_evicted == 0
+    assert nodes(built) == []
+    assert drv.free_counts() == drv.initial_free
+    # nothing hits any more
+    assert drv.run(seq + [1, 2], [3]).hit_len == 0
+
+
+def idle_match(built):
+    """A miss: ticks the logical clock, stamps nothing (keeps stamps distinct)."""
+    from array import array
+
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    r = built.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", [987654321]))))
+    assert r.device_prefix_len == 0
+
+
+def test_state_eviction_prefers_narrow_nodes(make_marconi):
+    """State candidates are holders with at most one child: a branch state with
+    two children is kept while narrower holders exist, even if it is older."""
+    built, drv = make_marconi(alpha=0.0)
+    system = toks(100, 40)
+    drv.run(system + [1, 2, 3], [4])  # leaf1 at 43
+    drv.run(system + [5, 6, 7], [8])  # branch state at 40, leaf2 at 43
+    idle_match(built)
+    drv.run(system + [1, 2, 3, 4, 9, 10], [11])  # hits leaf1 (refreshing it), leaf1' at 46
+    branch = node_ending_at(built, 40)
+    leaf1 = node_ending_at(built, 43, system + [1, 2, 3])
+    leaf2 = node_ending_at(built, 43, system + [5, 6, 7])
+    assert has_state(branch) and len(branch.children) == 2
+    assert branch.marconi_t < leaf2.marconi_t < leaf1.marconi_t
+    evict_states(built, 1)
+    # the branch state is the least recent, but it has two children: leaf2 goes
+    assert has_state(branch) and not live(built, leaf2)
+    # now the branch node is narrow (one child) and the least recent
+    evict_states(built, 1)
+    assert live(built, branch) and not has_state(branch) and has_state(leaf1)
+
+
+def test_wide_holders_are_candidates_when_no_narrow_one_is_left(make_marconi):
+    built, drv = make_marconi(alpha=0.0)
+    system = toks(100, 40)
+    drv.run(system + [1, 2, 3], [4])
+    drv.run(system + [5, 6, 7], [8])  # branch state at 40
+    leaves = [n for n in nodes(built) if not n.children]
+    branch = node_ending_at(built, 40)
+    # pin both leaves: the only unlocked holder is the wide branch node
+    recs = [(n, built.cache.inc_lock_ref(n.id).to_dec_params()) for n in leaves]
+    res = evict_states(built, 1)
+    assert res.mamba_num_evicted == 1
+    assert live(built, branch) and not has_state(branch)
+    assert all(has_state(n) for n in leaves)
+    for n, rec in recs:
+        built.cache.dec_lock_ref(n.id, rec)
+
+
+# ------------------------------------------------------------------ single budget (paper)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_single_byte_budget_evicts_until_tree_fits(make_marconi, alpha):
+    from sglang_marconi.policy import builtin_profile
+
+    prof = builtin_profile("paper-7b")
+    budget = 4 * prof.ssm_state_bytes() + prof.kv_bytes(300)
+    built, drv = make_marconi(alpha=alpha, byte_budget=budget, kv_slots=4096, mamba_slots=64, variant="paper")
+    st = built.cache.marconi
+    system = toks(100, 60)
+    import random
+
+    rng = random.Random(5)
+    for i in range(40):
+        inp = (system if rng.random() < 0.6 else toks(7000 + 100 * i, 30)) + [rng.randint(1, 9) for _ in range(5)]
+        drv.run(inp, [rng.randint(10, 20) for _ in range(3)])
+        assert built.cache.tree_bytes() <= budget
+        kv = built.cache.full_evictable_size() + built.cache.full_protected_size()
+        ns = built.cache.mamba_evictable_size() + built.cache.mamba_protected_size()
+        assert built.cache.tree_bytes() == prof.kv_bytes(kv) + ns * prof.ssm_state_bytes()
+    assert st.counters.state_evictions > 0 and st.counters.leaf_evictions > 0
+    # evict_to_bytes(0) empties the tree
+    n = built.cache.evict_to_bytes(0)
+    assert n > 0 and nodes(built) == [] and built.cache.tree_bytes() == 0
+    assert drv.free_counts() == drv.initial_free
+
+
+def test_single_budget_direct_call_counts_and_stops_at_budget(make_marconi):
+    built, drv = make_marconi(alpha=0.0)
+    st = built.cache.marconi
+    prof = st.profile
+    reqs = [toks(1000 * (i + 1), 20) for i in range(5)]
+    for r in reqs:
+        drv.run(r, [1])
+    per = prof.kv_bytes(20) + prof.ssm_state_bytes()
+    assert built.cache.tree_bytes() == 5 * per
+    assert built.cache.evict_to_bytes(5 * per) == 0
+    assert built.cache.evict_to_bytes(3 * per) == 2
+    assert built.cache.tree_bytes() == 3 * per
+    # α = 0: the two oldest requests went
+    alive = [any(path_tokens(built, n)[:1] == r[:1] for n in nodes(built)) for r in reqs]
+    assert alive == [False, False, True, True, True]
+    assert built.cache.evict_to_bytes(3 * per - 1) == 1
+
+
+def test_reset_after_evictions(make_marconi):
+    built, drv = make_marconi(alpha=0.5, kv_budget=200, state_budget=3)
+    for i in range(30):
+        drv.run(toks(1000 * (i % 7 + 1), 40) + [i], [1, 2])
+        assert drv.tree_kv_tokens() <= 200 and drv.tree_states() <= 3
+    evict_all(built)
+    assert drv.free_counts() == drv.initial_free
+    built.cache.reset()
+    assert nodes(built) == []
+    r = drv.run(toks(1, 10), [2])
+    assert r.hit_len == 0 and r.states_admitted == 1
