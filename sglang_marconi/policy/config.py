@@ -53,6 +53,8 @@ class MarconiConfig:
     #: Which nodes a hit refreshes: "deepest" (the matched node whose state is
     #: used; the paper's rule) or "path" (every matched node, as LRU caches do).
     refresh: str = "deepest"
+    #: The same for the KV pool's recency (leaves of the KV pool).
+    kv_refresh: str = "deepest"
     #: Paper-faithful single byte budget over KV + states (GB); None = SGLang's
     #: two pools, each budgeted by its own allocator.
     single_budget_gb: Optional[float] = None
@@ -154,7 +156,7 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             if value not in VARIANTS:
                 raise _err(key, value, f"must be one of {', '.join(VARIANTS)}")
             out[key] = value
-        elif key == "refresh":
+        elif key == "refresh" or key == "kv_refresh":
             if value not in REFRESH_MODES:
                 raise _err(key, value, f"must be one of {', '.join(REFRESH_MODES)}")
             out[key] = value

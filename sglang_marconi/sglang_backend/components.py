@@ -63,14 +63,8 @@ class MarconiMambaComponent(MambaComponent):
             # more recent than every earlier insert.
             st = self.marconi
             st.tick()
-            if node is root_node:
-                return
-            st.stamp(node)
-            if st.config.refresh == "path":
-                cur = node.parent
-                while cur is not None and cur is not root_node:
-                    st.stamp(cur)
-                    cur = cur.parent
+            if node is not root_node:
+                st.stamp_hit(node, root_node)
 
     # -- insert ---------------------------------------------------------------
     def commit_insert_component_data(self, node, is_new_leaf, params, result, cache_actions) -> None:
@@ -129,6 +123,7 @@ class MarconiMambaComponent(MambaComponent):
     def redistribute_on_node_split(self, new_parent, child):
         super().redistribute_on_node_split(new_parent, child)
         new_parent.marconi_t = getattr(child, "marconi_t", 0.0)
+        new_parent.marconi_kv_t = getattr(child, "marconi_kv_t", 0.0)
 
     # -- eviction -------------------------------------------------------------
     def _holders(self):
@@ -203,7 +198,7 @@ class MarconiFullComponent(FullComponent):
     def _evict_device_start(self, request_cnt: int) -> None:
         st = self.marconi
         st.on_eviction_call()
-        cands = [st.candidate(n, frees_kv=True) for n in self.tree_core.evictable_device_leaves]
+        cands = [st.candidate(n, frees_kv=True, pool="kv") for n in self.tree_core.evictable_device_leaves]
         self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0)
         self._evict_device_request_cnt = request_cnt
         self._evict_device_last_node = None
@@ -215,7 +210,7 @@ class MarconiFullComponent(FullComponent):
         lv = self._evict_device_last_node
         self._evict_device_last_node = None
         if lv is not None and lv.parent is not None and lv.parent in leaves:
-            self._queue.push(st.candidate(lv.parent, frees_kv=True))
+            self._queue.push(st.candidate(lv.parent, frees_kv=True, pool="kv"))
         while tracker[ct] < self._evict_device_request_cnt:
             score = self._queue.peek_score()
             cand = self._queue.pop()

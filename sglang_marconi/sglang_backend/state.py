@@ -8,9 +8,12 @@ pools are scored by one formula.
 
 Node bookkeeping is stored as plain attributes on SGLang's ``UnifiedTreeNode``:
 
-* ``marconi_t``   — last access on Marconi's clock (a hit stamps only the
-  deepest matched node; an insert stamps the node it ends on; a split copies
-  the child's stamp to the new parent).
+* ``marconi_t``   — last access of the node's SSM state on Marconi's clock
+  (a hit stamps the deepest matched node, or the whole matched path with
+  ``refresh="path"``; an insert stamps the node it ends on; a split copies the
+  child's stamp to the new parent).
+* ``marconi_kv_t`` — the same for the node's KV, under ``kv_refresh``: the
+  KV pool ranks leaves by it, the state pool by ``marconi_t``.
 * ``marconi_end`` — the token position where the node ends. It never changes:
   a split only moves a node's *start*, so it is memoized.
 """
@@ -96,7 +99,23 @@ class MarconiState:
         return self.config.alpha or 0.0
 
     def stamp(self, node) -> None:
-        node.marconi_t = self.clock
+        """A new or re-inserted node: both its state and its KV are fresh."""
+        node.marconi_t = node.marconi_kv_t = self.clock
+
+    def stamp_hit(self, node, root) -> None:
+        """A hit on ``node`` (the deepest matched state), per the refresh knobs."""
+        t = self.clock
+        node.marconi_t = node.marconi_kv_t = t
+        state_path = self.config.refresh == "path"
+        kv_path = self.config.kv_refresh == "path"
+        if state_path or kv_path:
+            cur = node.parent
+            while cur is not None and cur is not root:
+                if state_path:
+                    cur.marconi_t = t
+                if kv_path:
+                    cur.marconi_kv_t = t
+                cur = cur.parent
 
     # -- node geometry ------------------------------------------------------
     def node_end(self, node) -> int:
@@ -129,11 +148,12 @@ class MarconiState:
         return 0
 
     # -- scoring ------------------------------------------------------------
-    def candidate(self, node, *, frees_kv: bool) -> Candidate:
+    def candidate(self, node, *, frees_kv: bool, pool: str = "state") -> Candidate:
         """The policy's view of evicting ``node``.
 
         ``frees_kv``: the eviction deletes the node (its KV and state go);
-        otherwise only its SSM state is freed (tombstone).
+        otherwise only its SSM state is freed (tombstone). ``pool`` ("kv" or
+        "state") picks the recency stamp the pool ranks by.
         """
         ct = _mamba_ct()
         end = self.node_end(node)
@@ -157,7 +177,8 @@ class MarconiState:
                 nbytes = (p.kv_bytes(own) if frees_kv else 0) + state_bytes
             flops = p.flops_saved(start, end, replay_from=replay_from) if has_state else 0.0
             node.marconi_memo = (memo_key, flops, nbytes)
-        return Candidate(key=node, last_access=getattr(node, "marconi_t", 0.0), flops_saved=flops, nbytes=nbytes)
+        stamp = "marconi_kv_t" if pool == "kv" else "marconi_t"
+        return Candidate(key=node, last_access=getattr(node, stamp, 0.0), flops_saved=flops, nbytes=nbytes)
 
     # -- events -------------------------------------------------------------
     def on_eviction_call(self) -> None:
