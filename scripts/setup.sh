@@ -4,11 +4,13 @@
 # The venv lives outside the checkout, keyed by the hash of what it installs,
 # so a fresh clone (CI) reuses a complete one; ./.venv links to it.
 #   MARCONI_VENV=/path   use that venv instead
-#   MARCONI_EXTRAS=...   extra requirement files to install (space separated)
+#   MARCONI_EXTRAS=...   more requirement files to install (space separated)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-reqs=(requirements/cpu-cache.txt ${MARCONI_EXTRAS:-})
+# cpu-cache: SGLang's cache classes; cpu-server: enough of SGLang to serve a
+# hybrid model on this CPU (the live-serving tests and the replay need it).
+reqs=(requirements/cpu-cache.txt requirements/cpu-server.txt ${MARCONI_EXTRAS:-})
 hash=$(cat "${reqs[@]}" scripts/setup.sh | sha256sum | cut -c1-12)
 VENV=${MARCONI_VENV:-$HOME/.cache/sglang-marconi/venv-$hash}
 if [ ! -f "$VENV/.complete" ]; then
@@ -16,7 +18,7 @@ if [ ! -f "$VENV/.complete" ]; then
   rm -rf "$VENV"
   mkdir -p "$(dirname "$VENV")"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements/cpu-cache.txt ${MARCONI_EXTRAS:+$(printf -- '-r %s ' $MARCONI_EXTRAS)}
+  "$VENV/bin/pip" install -q --disable-pip-version-check $(printf -- '-r %s ' "${reqs[@]}")
   # sglang's own requirement list pulls CUDA-only packages; the list above is
   # what its cache classes and this project import on a CPU.
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps sglang==0.5.23

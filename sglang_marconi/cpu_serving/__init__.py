@@ -25,7 +25,6 @@ def is_cpu_engine() -> bool:
 
 def register() -> None:
     """Entry point for ``sglang.srt.plugins``: a no-op unless SGLang runs on CPU."""
-    import sys as _s; print(f"[marconi_cpu DEBUG] register pid={os.getpid()} cpu={is_cpu_engine()}", file=_s.stderr, flush=True)
     if not is_cpu_engine():
         return
     from .hooks import install

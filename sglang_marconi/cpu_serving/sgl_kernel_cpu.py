@@ -11,14 +11,14 @@ With ``SGLANG_USE_CPU_ENGINE=1``, SGLang imports a few CPU ops from
 * ``torch.ops.sgl_kernel.fused_gdn_gating_cpu`` / ``..._delta_rule_update_cpu``
   (Gated DeltaNet, read at import time; see ``TORCH_OPS_IMPORT_ONLY``).
 
-No CPU build of ``sgl_kernel`` is published, so :mod:`.shim` generates a
-one-file ``sgl_kernel`` package that re-exports this module, and the CPU
-launcher puts it on ``PYTHONPATH`` (only there, only on CPU). Every other name
-raises ``AttributeError`` (so ``from sgl_kernel import x`` raises
-``ImportError``, what SGLang's optional imports expect), and nothing is
-registered under ``torch.ops.sgl_kernel``, so SGLang's AMX probe
-(``_is_intel_amx_backend_available``) stays false and its CPU layers take
-their plain-torch paths.
+No CPU build of ``sgl_kernel`` is published, so :mod:`.shim` generates a small
+``sgl_kernel`` package that re-exports this module (and ``sgl_kernel.mamba``,
+:mod:`.sgl_kernel_cpu_mamba`), and the CPU launcher puts it on ``PYTHONPATH``
+(only there, only on CPU). Every other name raises ``AttributeError`` (so
+``from sgl_kernel import x`` raises ``ImportError``, what SGLang's optional
+imports expect). No torch library is registered and ``convert_weight_packed``
+is never provided, so SGLang's AMX probe (``_is_intel_amx_backend_available``)
+stays false and its CPU layers take their plain-torch paths.
 """
 
 from __future__ import annotations
