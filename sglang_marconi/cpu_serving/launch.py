@@ -2,6 +2,8 @@
 
     python -m sglang_marconi.cpu_serving.launch                 # build, serve, query, stop
     python -m sglang_marconi.cpu_serving.launch --keep-running  # ... and leave it up
+    python -m sglang_marconi.cpu_serving.launch --serve-only --radix-cache-backend marconi --enable-metrics
+                                         # unknown flags go to sglang.launch_server
 
 The server command is SGLang's own, unmodified::
 
@@ -124,15 +126,22 @@ def start_server(
     log_path: Optional[os.PathLike] = None,
     extra: Sequence[str] = (),
     ready_timeout: float = 300.0,
+    env: Optional[Dict[str, str]] = None,
 ) -> Server:
-    """Start ``sglang.launch_server`` on CPU and wait until it answers; raises on failure."""
+    """Start ``sglang.launch_server`` on CPU and wait until it answers; raises on failure.
+
+    ``env``: extra environment variables for the server (e.g. ``MARCONI_LOG_EVERY``).
+    The server runs with its log directory as working directory: ``python -m`` puts
+    the cwd on ``sys.path``, and a stale ``sglang_marconi.egg-info`` in a source
+    checkout would otherwise hide the installed entry points from SGLang's plugin loader.
+    """
     port = port or free_port(host)
     cmd = server_command(model_path, port, host, extra)
     log_path = Path(log_path or f"/tmp/sglang-marconi-cpu-server-{port}.log")
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True,
+        cmd, env={**server_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(log_path.parent),
     )
     log.close()
     srv = Server(proc=proc, url=f"http://{host}:{port}", log_path=log_path, cmd=cmd)
@@ -161,6 +170,44 @@ def generate(srv: Server, input_ids: List[int], max_new_tokens: int = 10, timeou
     if status != 200:
         raise RuntimeError(f"/generate returned {status}: {body}")
     return body
+
+
+def run_server_to_exit(model_path, extra: Sequence[str] = (), timeout: float = 300.0,
+                       host: str = "127.0.0.1", cwd=None):
+    """Run the server command expecting it to refuse to start; returns the CompletedProcess
+    (stdout and stderr captured separately). A server that comes up is killed at ``timeout``."""
+    cmd = server_command(model_path, free_port(host), host, extra)
+    proc = subprocess.Popen(
+        cmd, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        start_new_session=True, text=True, cwd=str(cwd or Path.home()),
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # leftover children of a failed start
+    except (ProcessLookupError, PermissionError):
+        pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def post(srv: Server, path: str, payload: Dict, timeout: float = 120.0):
+    """POST JSON; returns (status, body) for error statuses too."""
+    try:
+        return _http("POST", srv.url + path, payload, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            return e.code, json.loads(body)
+        except ValueError:
+            return e.code, body.decode(errors="replace")
+
+
+def get_text(srv: Server, path: str, timeout: float = 30.0) -> str:
+    with urllib.request.urlopen(srv.url + path, timeout=timeout) as r:
+        return r.read().decode()
 
 
 def flush_cache(srv: Server) -> None:
@@ -197,7 +244,9 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--keep-running", action="store_true")
     ap.add_argument("--log", default=None)
-    a = ap.parse_args(argv)
+    ap.add_argument("--serve-only", action="store_true", help="skip the two-turn check; just serve")
+    # anything else goes to sglang.launch_server, e.g. --radix-cache-backend marconi --enable-metrics
+    a, server_extra = ap.parse_known_args(argv)
 
     if not plugin_installed():
         print(
@@ -213,9 +262,13 @@ def main(argv=None) -> int:
     model = build(a.model_dir)
     tok = AutoTokenizer.from_pretrained(str(model))
     t0 = time.monotonic()
-    srv = start_server(model, port=a.port or None, log_path=a.log)
+    srv = start_server(model, port=a.port or None, log_path=a.log, extra=server_extra)
     print(f"server ready at {srv.url} in {time.monotonic() - t0:.1f}s (log: {srv.log_path})")
     try:
+        if a.serve_only:
+            print(f"serving at {srv.url}; Ctrl-C to stop", flush=True)
+            srv.proc.wait()
+            return 0
         res = two_turn_check(
             srv, tok, "the answer to the question about the shared prefix cache of a hybrid model",
             " and the next turn",

@@ -77,6 +77,9 @@ def marconi_factory(ctx):
         byte_budget=int(config.single_budget_gb * 1e9) if config.single_budget_gb else None,
     )
     cache = MarconiRadixCache(params, config=config, profile=profile, tuner_spec=spec)
+    from .metrics import attach
+
+    attach(cache, ctx.server_args)  # periodic INFO line + marconi_* gauges (--enable-metrics)
     logger.info(
         "marconi: cache ready (profile=%s, alpha=%s, branch_points=%s, variant=%s, "
         "state=%.1f MB, kv=%d B/token, %d KV slots, %d state slots)",

@@ -1,0 +1,118 @@
+"""One headless command: the same bounded Locust load against three caches on loopback.
+
+    python loadtest/run.py --users 4 --duration 30s --out loadtest/out
+
+For each of ``marconi`` (``--radix-cache-backend marconi``), ``sglang``
+(SGLang's default cache for a hybrid model) and ``disabled``
+(``--disable-radix-cache``) it starts the tiny NemotronH CPU server
+(sglang_marconi.cpu_serving.launch), runs ``locust --headless`` with
+loadtest/locustfile.py (CSV + HTML reports under --out), stops the server,
+and finally prints (and writes summary.md) a table with TTFT, cached tokens
+and ratios against ``disabled``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = {
+    "marconi": ["--radix-cache-backend", "marconi"],
+    "sglang": [],
+    "disabled": ["--disable-radix-cache"],
+}
+
+
+def run_one(name, extra, model, a, out: Path) -> dict:
+    from sglang_marconi.cpu_serving import launch
+
+    srv = launch.start_server(model, log_path=out / f"{name}-server.log", extra=["--dtype", "float32", *extra],
+                              ready_timeout=300)
+    record = out / f"{name}-requests.jsonl"
+    try:
+        env = {**os.environ, "LOADTEST_RECORD": str(record), "LOADTEST_SEED": str(a.seed)}
+        cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
+               "-u", str(a.users), "-r", str(a.spawn_rate), "-t", a.duration, "--host", srv.url,
+               "--csv", str(out / name), "--html", str(out / f"{name}.html"), "--only-summary",
+               "--stop-timeout", "30", "--exit-code-on-error", "0"]
+        print(f"[{name}] {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, env=env, check=True, cwd=str(out), timeout=_seconds(a.duration) + 240)
+    finally:
+        srv.stop()
+    rows = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
+    return summarize(rows)
+
+
+def _seconds(d: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return int(float(d[:-1]) * units[d[-1]]) if d[-1] in units else int(d)
+
+
+def summarize(rows) -> dict:
+    if not rows:
+        return {"requests": 0}
+    ttft = sorted(r["ttft_ms"] for r in rows)
+    prompt = sum(r["prompt_tokens"] or 0 for r in rows)
+    cached = sum(r["cached_tokens"] or 0 for r in rows)
+    return {
+        "requests": len(rows),
+        "ttft_p50_ms": statistics.median(ttft),
+        "ttft_p90_ms": ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "hit_ratio": cached / prompt if prompt else 0.0,
+    }
+
+
+def table(results: dict) -> str:
+    base = results.get("disabled", {})
+    lines = ["| cache | requests | TTFT p50 ms | TTFT p90 ms | cached/prompt tokens | TTFT p50 vs disabled | requests vs disabled |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if not r.get("requests"):
+            lines.append(f"| {name} | 0 | - | - | - | - | - |")
+            continue
+        rt = r["ttft_p50_ms"] / base["ttft_p50_ms"] if base.get("requests") else float("nan")
+        rq = r["requests"] / base["requests"] if base.get("requests") else float("nan")
+        lines.append(f"| {name} | {r['requests']} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | "
+                     f"{r['cached_tokens']}/{r['prompt_tokens']} ({r['hit_ratio']:.1%}) | {rt:.2f} | {rq:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=4)
+    ap.add_argument("--spawn-rate", type=float, default=4)
+    ap.add_argument("--duration", default="30s")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--model-dir", default=None)
+    a = ap.parse_args(argv)
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    from sglang_marconi.cpu_serving.launch import DEFAULT_MODEL_DIR
+    from sglang_marconi.cpu_serving.tiny_model import build
+
+    model = build(a.model_dir or DEFAULT_MODEL_DIR)
+    results = {}
+    for name in a.configs.split(","):
+        t0 = time.monotonic()
+        results[name] = run_one(name, CONFIGS[name], model, a, out)
+        print(f"[{name}] done in {time.monotonic() - t0:.0f}s: {results[name]}", flush=True)
+    t = table(results)
+    (out / "summary.md").write_text(t + "\n")
+    (out / "summary.json").write_text(json.dumps(results, indent=1))
+    print(t)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""``--radix-cache-backend marconi`` in a live SGLang 0.5.23 server on this CPU.
+
+Two real servers (``python -m sglang.launch_server``, tiny NemotronH, float32,
+``--page-size 1``, ``no_buffer``) are started on 127.0.0.1 once for the module
+— one with the Marconi cache (``--enable-metrics``, α fixed at 0.5), one with
+``--disable-radix-cache`` — and always stopped at the end. The same request
+script (a shared system prompt over three requests, a three-turn chat fed
+with the server's own replies, a branching conversation) must give identical
+greedy tokens on both, and the Marconi server must report cached tokens.
+
+What hits with ``no_buffer``: SGLang stores an SSM state only where a request
+ended (input + output - 1), so next turns and branches taken *after* a reply
+hit; a sibling that shares only a system prompt with an earlier request does
+not (the state at the branch point would need the prefill to end there,
+which is not wired; see kernels/README.md). The tests assert exactly that.
+
+Skipped (with the reason) without the server requirements or the
+``sglang.srt.plugins`` entry point; see tests/test_cpu_serving.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from sglang_marconi.cpu_serving import launch
+
+SERVER_MODULES = ("fastapi", "uvicorn", "uvloop", "setproctitle", "zmq", "einops", "xgrammar", "transformers",
+                  "prometheus_client")
+NEW = 6  # tokens per reply: the tiny model's text is gibberish, only the tokens matter
+COMMON = ["--dtype", "float32"]
+MARCONI = ["--radix-cache-backend", "marconi", "--radix-eviction-policy-config", '{"alpha": 0.5}',
+           "--enable-metrics"]
+DISABLED = ["--disable-radix-cache"]
+
+
+def _skip_reason():
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"server requirements missing ({', '.join(missing)}): install requirements/cpu-server.txt"
+    if not launch.plugin_installed():
+        return f"entry point {launch.ENTRY_POINT_VALUE!r} is not installed in group sglang.srt.plugins"
+    return None
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from sglang_marconi.cpu_serving.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("tiny-nemotron-h"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model))
+
+
+@pytest.fixture(scope="module")
+def servers(model, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("server-logs")
+
+    def start(name_extra):
+        name, extra = name_extra
+        return launch.start_server(model, log_path=logs / f"{name}.log", ready_timeout=300,
+                                   extra=COMMON + extra, env={"MARCONI_LOG_EVERY": "1"})
+
+    with ThreadPoolExecutor(2) as ex:  # both start-ups at once
+        futs = [ex.submit(start, ne) for ne in (("marconi", MARCONI), ("disabled", DISABLED))]
+        started, errors = [], []
+        for f in futs:
+            try:
+                started.append(f.result())
+            except Exception as e:  # noqa: BLE001 - stop whatever did start, then fail
+                errors.append(e)
+    if errors:
+        for s in started:
+            s.stop()
+        raise errors[0]
+    srvs = dict(zip(("marconi", "disabled"), started))
+    try:
+        yield srvs
+    finally:
+        for s in srvs.values():
+            s.stop()
+            assert s.proc.poll() is not None
+
+
+SYSTEM = "system: you are a terse assistant for questions about caches of hybrid models. "
+QUESTIONS = ["user: what is a radix tree?", "user: why are SSM states large?", "user: what does alpha weigh?"]
+CHAT = [
+    "user: hello there, tell me about prefix caching",
+    " user: and what about mamba layers",
+    " user: thanks, one more question about eviction",
+]
+BASE = "system: branching conversation. user: start a story about a cache"
+BRANCHES = [" user: continue with a happy ending", " user: continue with a sad ending"]
+DEEPER = " user: and then?"
+
+
+def run_script(srv, tok):
+    """The request script; every prompt that follows a reply contains the server's own reply.
+    Returns a list of (label, input_ids, output_ids, cached_tokens), in request order."""
+    log = []
+
+    def gen(label, ids):
+        r = launch.generate(srv, ids, max_new_tokens=NEW)
+        log.append((label, ids, r["output_ids"], r["meta_info"]["cached_tokens"]))
+        return r["output_ids"]
+
+    enc = lambda s: tok(s)["input_ids"]  # noqa: E731
+    # 1. shared system prompt across three requests
+    for i, q in enumerate(QUESTIONS):
+        gen(f"shared-system-{i}", enc(SYSTEM + q))
+    # 2. multi-turn chat, replies fed back
+    hist = []
+    for i, turn in enumerate(CHAT):
+        hist = hist + enc(turn)
+        hist = hist + gen(f"chat-turn-{i}", hist)
+    # 3. branching conversation: two branches after the base reply, one deeper turn on each
+    base = enc(BASE)
+    base = base + gen("branch-base", base)
+    for b, text in enumerate(BRANCHES):
+        h = base + enc(text)
+        h = h + gen(f"branch-{b}", h)
+        gen(f"branch-{b}-deeper", h + enc(DEEPER))
+    return log
+
+
+@pytest.fixture(scope="module")
+def runs(servers, tok):
+    return {name: run_script(srv, tok) for name, srv in servers.items()}
+
+
+def test_greedy_outputs_identical_to_cache_disabled(runs):
+    m, d = runs["marconi"], runs["disabled"]
+    assert [r[0] for r in m] == [r[0] for r in d]
+    for (label, ids_m, out_m, _), (_, ids_d, out_d, _) in zip(m, d):
+        assert ids_m == ids_d, label  # same replies so far -> same prompts
+        assert out_m == out_d, label
+        assert len(out_m) == NEW
+
+
+def test_marconi_reports_cached_tokens(runs):
+    cached = {label: c for label, _, _, c in runs["marconi"]}
+    print("marconi cached_tokens per request:", cached)
+    assert all(c == 0 for _, _, _, c in runs["disabled"])
+    assert sum(cached.values()) > 0
+    # a next turn resumes from the state stored where the previous request ended
+    by_label = {r[0]: r for r in runs["marconi"]}
+    for i in (1, 2):
+        prev_label, prev_ids, prev_out, _ = by_label[f"chat-turn-{i - 1}"]
+        assert cached[f"chat-turn-{i}"] == len(prev_ids) + len(prev_out) - 1
+    base_ids, base_out = by_label["branch-base"][1], by_label["branch-base"][2]
+    for b in (0, 1):  # both branches share the base conversation's stored state
+        assert cached[f"branch-{b}"] == len(base_ids) + len(base_out) - 1
+        assert cached[f"branch-{b}-deeper"] > cached[f"branch-{b}"]
+    # no state at the shared system prompt's branch point under no_buffer (see module doc)
+    assert cached["shared-system-0"] == 0
+
+
+def _scrape(srv):
+    text = launch.get_text(srv, "/metrics")
+    vals = {}
+    for line in text.splitlines():
+        m = re.match(r"^(marconi_[a-z_]+)(\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if m:
+            vals[m.group(1)] = float(m.group(3))
+    return vals
+
+
+def test_prometheus_metrics_and_log_line(servers, runs):
+    srv = servers["marconi"]
+    vals = _scrape(srv)
+    n = len(runs["marconi"])
+    assert vals.get("marconi_requests_finished") == n, vals
+    assert vals["marconi_state_hits"] > 0
+    assert vals["marconi_hit_tokens"] > 0
+    assert vals["marconi_last_token_checkpoints"] > 0
+    assert vals["marconi_alpha"] == 0.5
+    for name in ("marconi_branch_checkpoints", "marconi_state_evictions", "marconi_leaf_evictions"):
+        assert name in vals
+    log = srv.log_path.read_text(errors="replace")
+    assert re.search(rf"marconi: requests={n} matches=\d+ state_hits=[1-9]", log), srv.log_tail()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("script,args,expect_hits", [
+    ("gsm8k_kshot.py", ["--k", "2", "--n", "3"], True),
+    # text round trip: the tiny model's gibberish replies (byte-level pieces, U+FFFD)
+    # re-tokenize differently, so the next turn's prompt misses the stored state
+    ("multi_turn_chat.py", ["--turns", "3"], False),
+    ("fork_branches.py", ["--branches", "2"], True),
+])
+def test_examples_run_and_report_cached_tokens(servers, runs, script, args, expect_hits):
+    """The frontend programs (sgl.function + RuntimeEndpoint) against the Marconi server."""
+    import os
+    import subprocess
+    import sys
+
+    if script == "gsm8k_kshot.py":
+        data = Path(os.environ.get("MARCONI_GSM8K_DIR", EXAMPLES.parents[1] / "shared" / "traces" / "gsm8k"))
+        if not (data / "train.jsonl").exists():
+            pytest.skip(f"GSM8K data not found at {data} (set MARCONI_GSM8K_DIR)")
+    srv = servers["marconi"]
+    r = subprocess.run([sys.executable, str(EXAMPLES / script), "--url", srv.url, "--max-tokens", "4", *args],
+                       capture_output=True, text=True, timeout=300, cwd=str(EXAMPLES))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r"total cached_tokens=(\d+) over (\d+) requests", r.stdout)
+    assert m, r.stdout
+    print(r.stdout)
+    assert int(m.group(2)) >= 3
+    if expect_hits:
+        assert int(m.group(1)) > 0, r.stdout
+
+
+def test_malformed_requests_get_errors_and_server_keeps_serving(servers, tok):
+    srv = servers["marconi"]
+    good = tok("user: a good request after bad ones")["input_ids"]
+    bad = [
+        {"input_ids": "not a list of ints", "sampling_params": {"max_new_tokens": 2}},
+        {"input_ids": [[1, "x"]], "sampling_params": {"max_new_tokens": 2}},
+        {"input_ids": [5] * 100_000, "sampling_params": {"max_new_tokens": 2}},  # beyond the context length
+        {"input_ids": good, "sampling_params": {"max_new_tokens": -3}},
+    ]
+    for payload in bad:
+        status, body = launch.post(srv, "/generate", payload)
+        assert status >= 400, (payload if len(str(payload)) < 200 else str(payload)[:200], status, body)
+    r = launch.generate(srv, good, max_new_tokens=NEW)
+    assert len(r["output_ids"]) == NEW
+    assert srv.proc.poll() is None
+
+
+def test_invalid_backend_option_refuses_to_start(model, tmp_path):
+    t0 = time.monotonic()
+    r = launch.run_server_to_exit(
+        model, extra=COMMON + ["--radix-cache-backend", "marconi", "--radix-eviction-policy-config", '{"alpah": 1}'],
+        timeout=240, cwd=tmp_path,
+    )
+    assert r.returncode != 0, f"server did not refuse to start ({time.monotonic() - t0:.0f}s)"
+    lines = [ln for ln in r.stderr.splitlines() if "marconi config: unknown key 'alpah'" in ln]
+    assert lines, r.stderr[-3000:]
+
+
+def test_metrics_attach_without_server(caplog):
+    """metrics.attach on a stand-in cache: the log line every N finished requests, no Prometheus."""
+    import logging
+    from types import SimpleNamespace
+
+    from sglang_marconi.policy import builtin_profile, parse_config
+    from sglang_marconi.sglang_backend import metrics
+    from sglang_marconi.sglang_backend.state import MarconiState
+
+    calls = []
+    cache = SimpleNamespace(marconi=MarconiState(parse_config({"alpha": 0.5}), builtin_profile("paper-7b")))
+    cache.checkpoint_into_tree = lambda req, *, up_to, **kw: calls.append(up_to)
+    m = metrics.MarconiMetrics(log_every=2)
+    assert m.gauges is None
+    metrics.attach(cache, SimpleNamespace(enable_metrics=False, served_model_name="x"))
+    cache.marconi_metrics.log_every = 2
+    cache.marconi.counters.state_hits = 3
+    with caplog.at_level(logging.INFO, logger="sglang_marconi"):
+        for i in range(4):
+            cache.checkpoint_into_tree(SimpleNamespace(finished=lambda: True), up_to=i)
+        cache.checkpoint_into_tree(SimpleNamespace(finished=lambda: False), up_to=9)
+    assert calls == [0, 1, 2, 3, 9]
+    assert cache.marconi_requests_finished == 4
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("marconi: requests=")]
+    assert len(lines) == 2 and "state_hits=3" in lines[-1] and "alpha=0.500" in lines[-1]
+    assert metrics.snapshot(cache)["marconi_alpha"] == 0.5
