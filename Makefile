@@ -6,8 +6,13 @@ export PYTHONWARNINGS ?= ignore
 setup:
 	bash scripts/setup.sh
 
+# The main job: Marconi on SGLang's real cache classes (scripted workload), then
+# a live CPU server (tiny NemotronH, --radix-cache-backend marconi) that the
+# frontend examples run against; the server is shut down at the end.
 demo: setup
 	$(PY) -m sglang_marconi.demo
+	$(PY) -m sglang_marconi.cpu_serving.launch --examples examples \
+	    --radix-cache-backend marconi --enable-metrics --radix-eviction-policy-config '{"alpha": "auto"}'
 
 test: setup
 	$(PY) -m pytest -q tests

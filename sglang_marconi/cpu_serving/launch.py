@@ -238,6 +238,36 @@ def two_turn_check(srv: Server, tokenizer, first: str, follow_up: str, max_new_t
     }
 
 
+EXAMPLE_PROGRAMS = ("gsm8k_kshot.py", "multi_turn_chat.py", "fork_branches.py")
+
+
+def run_examples(directory: str, url: str, timeout: float = 300.0) -> bool:
+    """Run the frontend example programs against ``url``; each prints its cached tokens."""
+    ok = True
+    for name in EXAMPLE_PROGRAMS:
+        path = os.path.join(directory, name)
+        print(f"--- {name}", flush=True)
+        r = subprocess.run([sys.executable, path, "--url", url], capture_output=True, text=True, timeout=timeout)
+        print(r.stdout.rstrip())
+        if r.returncode != 0:
+            ok = False
+            print(f"{name} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
+    return ok
+
+
+def _print_metrics(srv) -> None:
+    """Marconi's counters from the server's Prometheus endpoint, when --enable-metrics is on."""
+    try:
+        text = get_text(srv, "/metrics")
+    except Exception:
+        return
+    lines = [ln for ln in text.splitlines() if ln.startswith("marconi_")]
+    if lines:
+        print("marconi metrics:")
+        for ln in lines:
+            print("  " + ln)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Serve a tiny NemotronH with SGLang on CPU and query it")
     ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
@@ -245,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-running", action="store_true")
     ap.add_argument("--log", default=None)
     ap.add_argument("--serve-only", action="store_true", help="skip the two-turn check; just serve")
+    ap.add_argument("--examples", default=None,
+                    help="directory of SGLang frontend programs (examples/) to run against the server")
     # anything else goes to sglang.launch_server, e.g. --radix-cache-backend marconi --enable-metrics
     a, server_extra = ap.parse_known_args(argv)
 
@@ -275,11 +307,14 @@ def main(argv=None) -> int:
         )
         for k, v in res.items():
             print(f"{k}: {json.dumps(v)}")
+        examples_ok = run_examples(a.examples, srv.url) if a.examples else True
         ok = (
             res["turn2_cached_tokens"] == res["turn2_expected_cached_tokens"]
             and res["turn2_output_ids"] == res["turn2_cold_output_ids"]
         )
         print("prefix cache hit with identical greedy output:", ok)
+        ok = ok and examples_ok
+        _print_metrics(srv)
         if a.keep_running:
             print(f"serving at {srv.url}; Ctrl-C to stop")
             srv.proc.wait()
