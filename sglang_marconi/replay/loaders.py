@@ -158,6 +158,9 @@ class LoadOptions:
     tokenizer: str = DEFAULT_TOKENIZER
     swe_gap_s: float = 7.5  #: mean of the SWE-agent exponential turn gaps
     words_per_s: float = 1.5  #: ShareGPT typing speed for turn gaps
+    #: SWE-agent: keep only the last K observations in each prompt (the paper's
+    #: transform: "the observation 5 rounds back is deleted each turn"); None = as recorded
+    swe_drop_observations: Optional[int] = None
 
     def resolved(self, kind: str) -> "LoadOptions":
         d = SOURCE_DEFAULTS[kind]
@@ -176,6 +179,8 @@ class LoadOptions:
             raise TraceError(f"--sps must be a positive number, got {self.sps!r}")
         if self.k < 0:
             raise TraceError(f"--k must be >= 0, got {self.k!r}")
+        if self.swe_drop_observations is not None and self.swe_drop_observations < 1:
+            raise TraceError(f"--swe-drop-observations must be >= 1, got {self.swe_drop_observations!r}")
         if not (self.swe_gap_s > 0 and self.words_per_s > 0):
             raise TraceError("gap parameters must be positive")
 
@@ -462,6 +467,26 @@ def parse_trajectory(path: str, name: str, data: bytes) -> tuple[str, list[tuple
     return sid, out
 
 
+def dropped_observation_pieces(turns: Sequence[tuple[str, str, str]], keep: int) -> list[tuple]:
+    """Prompt pieces per request when only the last ``keep`` observations stay in the prompt.
+
+    Request k's prompt is the first piece, then for every earlier turn j < k its
+    completion and the new text of turn j+1 — with that text reduced to
+    ``"\n" + generation prompt`` when its observation is more than ``keep``
+    rounds old. Pieces are tokenized one by one, so the kept history has the
+    same ids in every request and consecutive prompts share their ids up to the
+    observation deleted last.
+    """
+    out = []
+    for k in range(len(turns)):
+        pieces = [turns[0][0]]
+        for j in range(1, k + 1):
+            pieces.append(turns[j - 1][1])
+            pieces.append(turns[j][0] if j > k - keep else "\n" + GEN_PROMPT)
+        out.append(tuple(pieces))
+    return out
+
+
 def swe_agent_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
     sessions: list[TextSession] = []
     for name, data in read_trajectories(path):
@@ -471,13 +496,18 @@ def swe_agent_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
             continue
         if opt.max_turns is not None:
             turns = turns[: opt.max_turns]
+        drop = opt.swe_drop_observations
+        pieces = dropped_observation_pieces(turns, drop) if drop is not None else None
         rng = random.Random(f"{opt.seed}:{sid}")
         t = len(sessions) / opt.sps
         out = []
         for k, (new, comp, _) in enumerate(turns):
             if k > 0:
                 t += rng.expovariate(1.0 / opt.swe_gap_s)
-            out.append(TextTurn((new,), comp, t, extend=k > 0))
+            if pieces is None:
+                out.append(TextTurn((new,), comp, t, extend=k > 0))
+            else:
+                out.append(TextTurn(pieces[k], comp, t, extend=False))
         sessions.append(TextSession(sid, out))
         if opt.sessions is not None and len(sessions) >= opt.sessions:
             break

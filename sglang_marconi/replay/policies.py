@@ -13,7 +13,7 @@ sglang     SGLang 0.5.23's own default hybrid cache: ``UnifiedRadixCache``
            LRU eviction, admission ``SGLangGridAdmission(grid)`` with the
            cache's ``mamba_checkpoint_grid`` (extra_buffer checkpoints).
 lru        the paper's SGLang+: Marconi's admission with LRU eviction
-           (``MarconiRadixCache``, ``{"alpha": 0, "refresh": "path"}``).
+           (``MarconiRadixCache``, ``{"alpha": 0, "refresh": "path", "kv_refresh": "path"}``).
 vllm       the paper's vLLM+: the same LRU cache, a state at every block
            (``BlockAdmission(block)``, default 32 tokens).
 infinite   no eviction (pools as large as the trace, no budget) and
@@ -41,7 +41,7 @@ MARCONI_BASED = ("marconi", "lru", "vllm", "infinite")
 KV_MARGIN = 64  # spare KV slots beyond budget + longest request
 STATE_HEADROOM = 4  # spare state slots: Marconi/SGLang admit <= 2 states per request
 MARCONI_DEFAULT_CONFIG = {"alpha": "auto", "tuner": "inline"}
-LRU_CONFIG = {"alpha": 0.0, "refresh": "path"}
+LRU_CONFIG = {"alpha": 0.0, "refresh": "path", "kv_refresh": "path"}  # whole-path LRU for KV and states
 
 
 class PolicyError(ValueError):

@@ -209,8 +209,12 @@ def plot(path: str, doc: dict, results) -> None:
     ax1.set_xlabel("cache budget (GB, KV + SSM states)")
     ax1.set_ylabel("token hit rate (%)")
     ax1.set_title(f"{doc['trace']} / {doc['model']}: hit rate vs budget")
+    from matplotlib.ticker import FormatStrFormatter
+
     if len({x for pts in series.values() for x, _ in pts}) > 1:
         ax1.set_xscale("log")
+        ax1.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax1.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax1.grid(alpha=0.3)
     ax1.legend()
     # TTFT CDF at the tightest budget (most pressure), plus no cache and the bound.
@@ -227,6 +231,7 @@ def plot(path: str, doc: dict, results) -> None:
     ax2.set_xlabel("modeled TTFT (ms)")
     ax2.set_ylabel("CDF")
     ax2.set_xscale("log")
+    ax2.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax2.set_title(f"TTFT CDF at {tight:.3g} GB ({tm['a_ms']} ms + {tm['b_ms_per_token']} ms/token)"
                   if tight is not None else "TTFT CDF")
     ax2.grid(alpha=0.3)

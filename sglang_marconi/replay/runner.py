@@ -42,6 +42,7 @@ class RunResult:
     metrics: dict
     ttft_ms: list  # per request, arrival order (for the CDF plot; not in the JSON)
     info: dict
+    hits: list = dataclasses.field(default_factory=list)  # per-request hit tokens, arrival order
 
 
 class _EvictionCounter:
@@ -89,10 +90,12 @@ def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
     hit_tokens = input_tokens = ssm_hits = states = 0
     flops = 0.0
     ttft: list[float] = []
+    hits: list[int] = []
     t0 = time.perf_counter()
     try:
         for i, r in enumerate(trace.requests):
             res = drv.run(r.prompt_ids, r.completion_ids)
+            hits.append(res.hit_len)
             hit_tokens += res.hit_len
             input_tokens += res.input_len
             ssm_hits += res.hit_len > 0
@@ -135,7 +138,7 @@ def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
         if st is not None and policy == "marconi":
             m["alpha"] = st.alpha
             m["alpha_tunings"] = len(st.tuner.events) if st.tuner is not None else 0
-        return RunResult(policy, budget, m, ttft, info)
+        return RunResult(policy, budget, m, ttft, info, hits)
     finally:
         close(built)
 
@@ -328,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sps", type=float, default=1.0, help="sessions per second: session i starts at i/sps (default 1)")
     t.add_argument("--seed", type=int, default=0, help="seed of the arrival gaps (default 0)")
     t.add_argument("--k", type=int, default=5, help="GSM8K exemplars (default 5)")
+    t.add_argument("--swe-drop-observations", type=int, metavar="K",
+                   help="swe-agent: keep only the last K observations in each prompt (the paper deleted the "
+                        "observation 5 rounds back each turn: K=5); default: the trajectories as recorded")
     t.add_argument("--tokenizer", default="qwen3.5", help="qwen3.5 (default), qwen2.5, or a tokenizer.json path")
     t.add_argument("--no-cache", action="store_true", help="do not read or write the tokenized-trace cache")
     p = ap.add_argument_group("policies")
@@ -394,6 +400,7 @@ def run(args, *, console=None) -> dict:
     opt = LoadOptions(
         sessions=args.sessions, max_turns=args.max_turns, max_tokens=args.max_tokens, min_turns=args.min_turns,
         sps=args.sps, seed=args.seed, k=args.k, tokenizer=args.tokenizer,
+        swe_drop_observations=args.swe_drop_observations,
     )
     ui = report.Progress(enabled=not args.no_progress, console=console)
     with ui:
@@ -432,7 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from . import report
 
-    console = Console(stderr=False)
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
     try:
         out = run(args, console=Console(stderr=True))
     except (TraceError, ReplayError, PolicyError) as e:

