@@ -244,9 +244,13 @@ EXAMPLE_PROGRAMS = ("gsm8k_kshot.py", "multi_turn_chat.py", "fork_branches.py")
 def run_examples(directory: str, url: str, timeout: float = 300.0) -> bool:
     """Run the frontend example programs against ``url``; each prints its cached tokens."""
     ok = True
+    gsm8k = Path(os.environ.get("MARCONI_GSM8K_DIR", Path(directory).resolve().parent.parent / "shared" / "traces" / "gsm8k"))
     for name in EXAMPLE_PROGRAMS:
         path = os.path.join(directory, name)
         print(f"--- {name}", flush=True)
+        if name == "gsm8k_kshot.py" and not (gsm8k / "train.jsonl").is_file():
+            print(f"skipped: GSM8K data not found at {gsm8k} (set MARCONI_GSM8K_DIR)")
+            continue
         r = subprocess.run([sys.executable, path, "--url", url], capture_output=True, text=True, timeout=timeout)
         print(r.stdout.rstrip())
         if r.returncode != 0:
