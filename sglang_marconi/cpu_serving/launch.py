@@ -210,10 +210,20 @@ def get_text(srv: Server, path: str, timeout: float = 30.0) -> str:
         return r.read().decode()
 
 
-def flush_cache(srv: Server) -> None:
-    status, body = _http("POST", srv.url + "/flush_cache")
-    if status != 200:
-        raise RuntimeError(f"/flush_cache returned {status}: {body}")
+def flush_cache(srv: Server, timeout: float = 30.0) -> None:
+    """POST /flush_cache. SGLang answers 400 while requests are still being
+    released (e.g. right after a concurrent batch), so retry until it flushes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, body = _http("POST", srv.url + "/flush_cache")
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read().decode(errors="replace")
+        if status == 200:
+            return
+        if status != 400 or time.monotonic() > deadline:
+            raise RuntimeError(f"/flush_cache returned {status}: {body}")
+        time.sleep(0.5)
 
 
 def two_turn_check(srv: Server, tokenizer, first: str, follow_up: str, max_new_tokens: int = 10) -> Dict:
