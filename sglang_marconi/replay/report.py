@@ -232,6 +232,7 @@ def plot(path: str, doc: dict, results) -> None:
     ax2.set_ylabel("CDF")
     ax2.set_xscale("log")
     ax2.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax2.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax2.set_title(f"TTFT CDF at {tight:.3g} GB ({tm['a_ms']} ms + {tm['b_ms_per_token']} ms/token)"
                   if tight is not None else "TTFT CDF")
     ax2.grid(alpha=0.3)
