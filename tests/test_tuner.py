@@ -31,17 +31,25 @@ class FakeReplay:
         if self.fail:
             raise RuntimeError("replay failed")
         s = self.scores(len(self.calls)) if callable(self.scores) else self.scores
-        return dict(s)
+        return {a: s[a] for a in alphas if a in s}  # like the real replay: the α values asked for
 
 
 def req(i):
     return ((i, i + 1, i + 2), (i + 3,))
 
 
+#: The paper's tuner mechanics (cold first window, no memory, no hold-out);
+#: the window arithmetic below is written against them. The default's extra
+#: rules have their own tests at the end of this file.
+PAPER_MECHANICS = {"warm_start": False, "confirm": False, "switch_margin": 0.0, "score_decay": 0.0}
+
+
 def make_tuner(replay, **cfg):
     cfg.setdefault("alpha", "auto")
     cfg.setdefault("tuner", "inline")
     cfg.setdefault("alpha_grid", GRID)
+    for k, v in PAPER_MECHANICS.items():
+        cfg.setdefault(k, v)
     return AlphaTuner(parse_config(cfg), replay, spec="SPEC")
 
 
@@ -382,7 +390,8 @@ def _spec(built):
 
 
 def _run_auto(make_marconi, pools, reqs, m):
-    built, drv = make_marconi(alpha="auto", tuner="inline", alpha_grid=GRID, window_multiplier=m, **pools)
+    built, drv = make_marconi(alpha="auto", tuner="inline", alpha_grid=GRID, window_multiplier=m, **PAPER_MECHANICS,
+                              **pools)
     tuner = built.cache.marconi.tuner
     assert tuner is not None and tuner.alpha == 0.0
     total = 0.0
@@ -445,3 +454,102 @@ def test_e2e_all_alphas_tie_gives_zero(make_marconi):
     assert tuner.events and all(e.alpha == 0.0 for e in tuner.events)
     assert all(v == 0.0 for v in tuner.events[0].scores.values())
     assert set(tuner.events[0].scores) == set(GRID)
+
+
+# ------------------------------------------------- the default's extra rules
+
+
+def _default_tuner(replay, **cfg):
+    cfg.setdefault("alpha", "auto")
+    cfg.setdefault("tuner", "inline")
+    cfg.setdefault("alpha_grid", GRID)
+    return AlphaTuner(parse_config(cfg), replay, spec="SPEC")
+
+
+def test_warm_start_scores_the_second_window_with_the_first_as_warmup():
+    fake = FakeReplay()
+    t = _default_tuner(fake, window_multiplier=2)
+    i = feed(t, 0, 3)
+    t.on_eviction()  # N0 = 3, W = 6: the cold window [0, 6) is warm-up only
+    assert t.next_tune_at == 12
+    i = feed(t, i, 8)  # 11 requests: not yet
+    assert fake.calls == []
+    feed(t, i, 1)
+    assert len(fake.calls) == 1
+    call = fake.calls[0]
+    assert call["warmup"] == [req(k) for k in range(0, 6)]
+    assert call["window"] == [req(k) for k in range(6, 12)]
+
+
+def test_new_alpha_needs_confirmation_on_the_next_window():
+    # window 1: 0.5 wins by far -> candidate only; window 2: it wins again -> adopted
+    fake = FakeReplay(lambda n: {0.0: 1.0, 0.5: 3.0, 1.0: 2.0, 2.0: 0.0})
+    t = _default_tuner(fake, window_multiplier=1, warm_start=False)
+    i = feed(t, 0, 2)
+    t.on_eviction()  # W = 2
+    assert t.alpha == 0.0
+    i = feed(t, i, 2)
+    assert len(t.events) == 1 and t.alpha == 0.0 and t.pending == 0.5
+    feed(t, i, 2)
+    assert len(t.events) == 2 and t.alpha == 0.5 and t.pending is None
+
+
+def test_candidate_that_fails_on_the_hold_out_window_is_dropped():
+    seq = {1: {0.0: 1.0, 0.5: 3.0, 1.0: 0.0, 2.0: 0.0}, 2: {0.0: 5.0, 0.5: 1.0, 1.0: 0.0, 2.0: 0.0}}
+    fake = FakeReplay(lambda n: seq.get(n, {0.0: 5.0, 0.5: 1.0, 1.0: 0.0, 2.0: 0.0}))
+    t = _default_tuner(fake, window_multiplier=1, warm_start=False)
+    i = feed(t, 0, 2)
+    t.on_eviction()
+    i = feed(t, i, 2)
+    assert t.pending == 0.5 and t.alpha == 0.0
+    feed(t, i, 2)  # on the hold-out window 0.5 loses to the current α = 0
+    assert t.alpha == 0.0 and t.pending is None
+
+
+def test_switch_margin_keeps_current_alpha_on_a_small_gain():
+    fake = FakeReplay({0.0: 100.0, 0.5: 101.0, 1.0: 50.0, 2.0: 0.0})  # +1% < 2% margin
+    t = _default_tuner(fake, window_multiplier=1, warm_start=False)
+    i = feed(t, 0, 2)
+    t.on_eviction()
+    for _ in range(4):
+        i = feed(t, i, 2)
+    assert len(t.events) == 4 and t.alpha == 0.0 and t.pending is None
+    fake2 = FakeReplay({0.0: 100.0, 0.5: 101.0, 1.0: 50.0, 2.0: 0.0})
+    t2 = _default_tuner(fake2, window_multiplier=1, warm_start=False, switch_margin=0.0, confirm=False)
+    i = feed(t2, 0, 2)
+    t2.on_eviction()
+    feed(t2, i, 2)
+    assert t2.alpha == 0.5
+
+
+def test_score_memory_outvotes_one_noisy_window():
+    # 0 wins windows 1-3 clearly; window 4 alone favours 1.0 by 30%, which the memory outweighs
+    seq = {n: {0.0: 10.0, 0.5: 5.0, 1.0: 5.0, 2.0: 0.0} for n in (1, 2, 3)}
+    seq[4] = {0.0: 10.0, 0.5: 5.0, 1.0: 13.0, 2.0: 0.0}
+    fake = FakeReplay(lambda n: seq.get(n, seq[4]))
+    t = _default_tuner(fake, window_multiplier=1, warm_start=False, confirm=False)
+    i = feed(t, 0, 2)
+    t.on_eviction()
+    for _ in range(4):
+        i = feed(t, i, 2)
+    assert t.alpha == 0.0
+    # with no memory (the paper's rule) the same window flips α
+    fake0 = FakeReplay(lambda n: seq.get(n, seq[4]))
+    t0 = _default_tuner(fake0, window_multiplier=1, warm_start=False, confirm=False, score_decay=0.0)
+    i = feed(t0, 0, 2)
+    t0.on_eviction()
+    for _ in range(4):
+        i = feed(t0, i, 2)
+    assert t0.alpha == 1.0
+
+
+def test_grid_top_that_wins_is_extended():
+    fake = FakeReplay(lambda n: {a: a for a in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)})  # bigger α always better
+    t = _default_tuner(fake, window_multiplier=1, warm_start=False, confirm=False)
+    i = feed(t, 0, 2)
+    t.on_eviction()
+    i = feed(t, i, 2)
+    assert t.alpha == 2.0 and t.grid[-1] == 4.0
+    feed(t, i, 2)
+    assert fake.calls[-1]["alphas"] == [0.0, 0.5, 1.0, 2.0, 4.0]
+    assert t.alpha == 4.0 and t.grid[-1] == 8.0

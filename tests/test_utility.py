@@ -18,6 +18,7 @@ from sglang_marconi.policy.admission import (
 )
 from sglang_marconi.policy.config import (
     DEFAULT_ALPHA_GRID,
+    PAPER_ALPHA_GRID,
     MarconiConfig,
     MarconiConfigError,
     parse_config,
@@ -299,8 +300,16 @@ def test_parse_config_defaults():
     cfg = parse_config(None)
     assert cfg == MarconiConfig()
     assert cfg.auto_alpha and cfg.alpha is None
-    assert cfg.alpha_grid == DEFAULT_ALPHA_GRID and len(DEFAULT_ALPHA_GRID) == 21
-    assert cfg.alpha_grid[0] == 0.0 and cfg.alpha_grid[-1] == 2.0
+    assert cfg.alpha_grid == DEFAULT_ALPHA_GRID == (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    assert cfg.warm_start and cfg.confirm and cfg.retune
+    assert cfg.switch_margin == 0.02 and cfg.score_decay == 0.8
+    paper = parse_config({"variant": "paper"})
+    assert paper.alpha_grid == PAPER_ALPHA_GRID and len(PAPER_ALPHA_GRID) == 21 and PAPER_ALPHA_GRID[-1] == 2.0
+    assert not paper.retune and not paper.warm_start and not paper.confirm
+    assert paper.switch_margin == 0.0 and paper.score_decay == 0.0
+    # explicit keys win over the paper's tuner defaults
+    assert parse_config({"variant": "paper", "retune": True, "alpha_grid": [0, 1]}).retune is True
+    assert parse_config({"variant": "paper", "alpha_grid": [0, 1]}).alpha_grid == (0.0, 1.0)
     assert parse_config("") == MarconiConfig()
     assert parse_config("   ") == MarconiConfig()
     assert parse_config({}) == MarconiConfig()
@@ -348,7 +357,7 @@ def test_parse_config_valid_json_and_roundtrip():
     cfg2 = parse_config(json.dumps({"alpha": 0, "single_budget_gb": None, "profile": None}))
     assert cfg2.alpha == 0.0 and not cfg2.auto_alpha
     assert cfg2.single_budget_gb is None and cfg2.profile is None
-    assert parse_config({"alpha_grid": "0:2:0.1"}).alpha_grid == DEFAULT_ALPHA_GRID
+    assert parse_config({"alpha_grid": "0:2:0.1"}).alpha_grid == PAPER_ALPHA_GRID
 
 
 @pytest.mark.parametrize(
@@ -381,6 +390,12 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"single_budget_gb": -1}, "single_budget_gb"),
         ({"single_budget_gb": 0}, "single_budget_gb"),
         ({"single_budget_gb": "1GB"}, "single_budget_gb"),
+        ({"switch_margin": -0.1}, "switch_margin"),
+        ({"score_decay": 1.0}, "score_decay"),
+        ({"score_decay": "slow"}, "score_decay"),
+        ({"warm_start": 1}, "warm_start"),
+        ({"confirm": "no"}, "confirm"),
+        ({"input_state": None}, "input_state"),
     ],
 )
 def test_parse_config_rejects_bad_key_or_value(raw, key):

@@ -27,6 +27,7 @@ from typing import Optional
 class AdmissionReason(str, enum.Enum):
     BRANCH_POINT = "branch_point"
     LAST_TOKEN = "last_decoded_token"
+    INPUT_END = "input_end"  # the state after prefill (option input_state)
     GRID = "grid"  # baselines: a state on a fixed grid of positions
 
 
@@ -100,11 +101,16 @@ class MarconiAdmission(Admission):
 
     name = "marconi"
 
-    def __init__(self, mode: str = "exact", grid: int = 1):
-        self.mode, self.grid = mode, grid
+    def __init__(self, mode: str = "exact", grid: int = 1, input_state: bool = False):
+        self.mode, self.grid, self.input_state = mode, grid, input_state
 
     def plan(self, input_len, committed, hit, full_kv_hit):
-        return plan_request(input_len, committed, hit, branch_point(full_kv_hit, hit, mode=self.mode, grid=self.grid))
+        plan = plan_request(input_len, committed, hit, branch_point(full_kv_hit, hit, mode=self.mode, grid=self.grid))
+        if self.input_state and len(plan) < 2 and hit < input_len < committed:
+            # No branch point this request: spend the second state on the end of
+            # the input, so losing the output's KV leaf still leaves a hit there.
+            plan.insert(0, Checkpoint(input_len, AdmissionReason.INPUT_END))
+        return plan
 
 
 class SGLangGridAdmission(Admission):

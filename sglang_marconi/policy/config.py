@@ -18,9 +18,17 @@ import json
 import math
 from typing import Any, Mapping, Optional, Union
 
-DEFAULT_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
+#: 0 and a geometric ladder 1/8 ... 8; when the best α is the grid's top, the
+#: tuner doubles the top for the next window (the upper end never binds).
+DEFAULT_ALPHA_GRID = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+PAPER_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
 
 VARIANTS = ("marconi", "paper")
+#: ``variant: "paper"`` also selects the paper's tuner (α tuned once, on the
+#: first window after the first eviction, scored from a cold start, no memory
+#: or hysteresis, grid 0..2 step 0.1) unless the keys are given explicitly.
+PAPER_TUNER_DEFAULTS = {"retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
+                        "alpha_grid": tuple(round(0.1 * i, 1) for i in range(21))}
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
 REFRESH_MODES = ("deepest", "path")
@@ -40,12 +48,27 @@ class MarconiConfig:
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
     #: Re-tune every window (True) or once, as the paper did (False).
     retune: bool = True
+    #: Score α on steady-state windows only: the first tuning waits for one
+    #: window of warm-up (replayed uncounted) instead of scoring the cold start.
+    warm_start: bool = True
+    #: A new α replaces the current one only if it saves this fraction more
+    #: FLOPs than the current α on the same window (hysteresis against noise).
+    switch_margin: float = 0.02
+    #: A new α must win again on the next window before it is adopted (hold-out).
+    confirm: bool = True
+    #: α is chosen on FLOPs saved summed over past windows, each older window
+    #: weighted by this factor (0 = the last window only, as the paper did):
+    #: single windows are short and noisy on agentic traces.
+    score_decay: float = 0.8
     #: Cost profile: a built-in name, a path to a config.json, or None (use the
     #: served model's HF config; the paper's 7B profile outside a server).
     profile: Optional[str] = None
     #: "exact": checkpoint the branch point at the exact token; "grid": SGLang's
     #: mamba checkpoint grid (what its extra_buffer prefill can capture).
     branch_points: str = "exact"
+    #: Also checkpoint the state at the end of the input when the request
+    #: creates no branch point (still <= 2 states per request).
+    input_state: bool = False
     #: "marconi" (this project's default: replay distance to the nearest
     #: ancestor state, node-local bytes) or "paper" (the paper's formulas as
     #: stated: saved FLOPs from the parent, bytes counting the path's KV).
@@ -140,7 +163,7 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             out[key] = value
         elif key == "alpha_grid":
             out[key] = _parse_grid(value)
-        elif key == "retune":
+        elif key in ("retune", "input_state", "warm_start", "confirm"):
             if not isinstance(value, bool):
                 raise _err(key, value, "must be true or false")
             out[key] = value
@@ -160,10 +183,19 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             if value not in REFRESH_MODES:
                 raise _err(key, value, f"must be one of {', '.join(REFRESH_MODES)}")
             out[key] = value
+        elif key == "switch_margin":
+            out[key] = _number(key, value)
+        elif key == "score_decay":
+            out[key] = _number(key, value)
+            if out[key] >= 1.0:
+                raise _err(key, value, "must be in [0, 1)")
         elif key == "single_budget_gb":
             out[key] = None if value is None else _number(key, value, minimum=1e-9)
         elif key == "tuner":
             if value not in TUNER_MODES:
                 raise _err(key, value, f"must be one of {', '.join(TUNER_MODES)}")
             out[key] = value
+    if out.get("variant") == "paper":  # the paper's tuner too, unless a key says otherwise
+        for key, value in PAPER_TUNER_DEFAULTS.items():
+            out.setdefault(key, value)
     return MarconiConfig(**out)

@@ -8,6 +8,22 @@ Timeline (paper §4.3, with continuous re-tuning added):
   of the cache (same slot counts, same policy code) and the α that saves the
   most prefill FLOPs over the window wins. Ties go to the smaller α.
 * The paper tunes once; by default this re-tunes every window (``retune``).
+* Steady state only (``warm_start``, default): the first window after the
+  first eviction is the cache's cold start (sessions still arriving, the
+  tree filling), and the α that wins it need not win afterwards. The first
+  tuning therefore waits one more window and replays the first one as
+  uncounted warm-up.
+* Hold-out and hysteresis (``switch_margin``, default 2%): the current α is
+  always among the replayed values. A different α becomes a candidate when
+  its score beats the current one's by that margin; it is adopted only if it
+  beats the current α by the margin again on the *next* window, which it
+  was not chosen on. Switching α re-orders the cache, so a switch that does
+  not hold up costs more than it gains.
+* Memory (``score_decay``, default 0.8): each α's score is its FLOPs saved
+  on this window plus ``score_decay`` times its previous score, so one short,
+  noisy window cannot flip α (0 = the last window alone, the paper's rule).
+* The grid's top never binds: when the top wins, the next tuning also tries
+  twice the top.
 
 Replay start state: the first window starts at the trace's first request, so
 replaying it from an empty cache is exact. Later windows replay the previous
@@ -56,6 +72,15 @@ def best_alpha(scores: dict[float, float]) -> float:
     return min(scores, key=lambda a: (-scores[a], a))
 
 
+def choose_alpha(scores: dict[float, float], current: float, margin: float) -> float:
+    """The best α, unless it beats ``current`` (if scored) by less than ``margin``."""
+    best = best_alpha(scores)
+    if best == current or current not in scores:
+        return best
+    cur = scores[current]
+    return best if scores[best] > cur * (1.0 + margin) else current
+
+
 @dataclass
 class TuningEvent:
     at_request: int
@@ -80,6 +105,9 @@ class AlphaTuner:
         self._executor: Optional[cf.Executor] = None
         self.events: list[TuningEvent] = []
         self.skipped_windows = 0
+        self.grid: list[float] = sorted(set(config.alpha_grid))
+        self.cum_scores: dict[float, float] = {}
+        self.pending: Optional[float] = None  # α chosen on the last window, awaiting confirmation
 
     # -- inputs from the cache --------------------------------------------
     @property
@@ -90,7 +118,7 @@ class AlphaTuner:
         if self.fixed or self.n0 is not None:
             return
         self.n0 = max(1, self.requests_seen)
-        self.next_tune_at = self.window
+        self.next_tune_at = (2 if self.config.warm_start else 1) * self.window
         logger.info("marconi: first eviction after %d requests; tuning window W=%d", self.n0, self.window)
 
     def on_request_finished(self, input_ids: Sequence[int], output_ids: Sequence[int]) -> None:
@@ -114,8 +142,9 @@ class AlphaTuner:
         w = min(self.window, self.config.tuner_max_requests)
         log = list(self._log)
         window = log[-w:]
-        warmup = log[-2 * w : -w] if len(self.events) > 0 or self.skipped_windows else []
-        alphas = list(self.config.alpha_grid)
+        warm = self.config.warm_start or len(self.events) > 0 or self.skipped_windows
+        warmup = log[-2 * w : -w] if warm else []
+        alphas = sorted(set(self.grid) | {self.alpha})
         meta = (self.requests_seen, len(window))
         if self.config.tuner == "inline":
             try:
@@ -136,7 +165,26 @@ class AlphaTuner:
         self._future_meta = meta
 
     def _finish(self, meta: tuple[int, int], scores: dict[float, float]) -> None:
-        new_alpha = best_alpha(scores)
+        d = self.config.score_decay
+        prev = dict(self.cum_scores)
+        for a in scores:  # a value new to the grid (a raised top) starts from the old top's history
+            base = prev.get(a, prev[max(prev)] if prev else 0.0)
+            self.cum_scores[a] = d * base + scores[a]
+        cum = {a: self.cum_scores[a] for a in scores}
+        margin = self.config.switch_margin
+        if self.config.confirm:
+            new_alpha = self.alpha
+            pending = self.pending
+            if pending is not None and pending in scores and scores[pending] > scores.get(self.alpha, 0.0) * (1 + margin):
+                new_alpha = pending  # chosen on the last window, confirmed on this one (not chosen on it)
+            cand = choose_alpha(cum, new_alpha, margin)
+            self.pending = cand if cand != new_alpha else None
+        else:
+            new_alpha = choose_alpha(cum, self.alpha, margin)
+        top = max(self.grid)
+        below = [cum[a] for a in cum if a < top]
+        if top > 0 and below and cum[top] > max(below):  # the top wins outright: try beyond it next time
+            self.grid.append(top * 2)
         self.events.append(TuningEvent(at_request=meta[0], window=meta[1], alpha=new_alpha, scores=dict(scores)))
         logger.info("marconi: α %.2f -> %.2f (window of %d requests ending at %d)", self.alpha, new_alpha, meta[1], meta[0])
         self.alpha = new_alpha

@@ -149,6 +149,9 @@ class Trace:
 @dataclass(frozen=True)
 class LoadOptions:
     sessions: Optional[int] = 100  #: first N eligible sessions (None: all)
+    skip_sessions: int = 0  #: skip this many eligible sessions first (hold-out halves)
+    #: ShareGPT: a system message put in front of every conversation (a shared-prefix chat trace)
+    system_prompt: Optional[str] = None
     max_turns: Optional[int] = None  #: requests per session (None: the source default)
     max_tokens: Optional[int] = 32768  #: cut a session at its first request with prompt+completion above this
     min_turns: Optional[int] = None  #: skip sessions with fewer assistant turns (None: the source default)
@@ -175,6 +178,10 @@ class LoadOptions:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise TraceError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if isinstance(self.skip_sessions, bool) or not isinstance(self.skip_sessions, int) or self.skip_sessions < 0:
+            raise TraceError(f"--skip-sessions must be an integer >= 0, got {self.skip_sessions!r}")
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            raise TraceError("--system-prompt is empty")
         if not (self.sps > 0 and math.isfinite(self.sps)):
             raise TraceError(f"--sps must be a positive number, got {self.sps!r}")
         if self.k < 0:
@@ -382,6 +389,7 @@ def read_sharegpt(path: str) -> Iterable[dict]:
 
 def sharegpt_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
     sessions: list[TextSession] = []
+    skipped = 0
     seen_ids: dict[str, int] = {}
     for idx, obj in enumerate(read_sharegpt(path)):
         where = f"{path}: object {idx}"
@@ -394,8 +402,13 @@ def sharegpt_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
             msgs.append((_ROLE_MAP.get(m["from"].lower(), m["from"].lower()), m["value"]))
         while msgs and msgs[0][0] == ASSISTANT:  # a chunk continuing a longer chat: no prompt
             msgs.pop(0)
+        if opt.system_prompt is not None and not (msgs and msgs[0][0] == "system"):
+            msgs.insert(0, ("system", opt.system_prompt))
         turns = conversation_turns(msgs)
         if len(turns) < opt.min_turns:
+            continue
+        skipped += 1
+        if skipped <= opt.skip_sessions:
             continue
         sid = str(obj.get("id", idx))
         if sid in seen_ids:
@@ -489,10 +502,14 @@ def dropped_observation_pieces(turns: Sequence[tuple[str, str, str]], keep: int)
 
 def swe_agent_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
     sessions: list[TextSession] = []
+    skipped = 0
     for name, data in read_trajectories(path):
         sid, msgs = parse_trajectory(path, name, data)
         turns = conversation_turns(msgs)
         if len(turns) < opt.min_turns:
+            continue
+        skipped += 1
+        if skipped <= opt.skip_sessions:
             continue
         if opt.max_turns is not None:
             turns = turns[: opt.max_turns]
@@ -558,7 +575,8 @@ def gsm8k_sessions(directory: str, opt: LoadOptions) -> list[TextSession]:
         raise TraceError(f"{train_path}: has {len(train)} problems, --k {opt.k} needs more")
     prefix = gsm8k_prefix(train)
     sessions = []
-    for i, (q, a) in enumerate(_read_gsm8k(test_path, opt.sessions)):
+    limit = None if opt.sessions is None else opt.sessions + opt.skip_sessions
+    for i, (q, a) in enumerate(_read_gsm8k(test_path, limit)[opt.skip_sessions:], start=opt.skip_sessions):
         pieces = (prefix, f"Question: {q}\nAnswer:") if prefix else (f"Question: {q}\nAnswer:",)
         sessions.append(TextSession(f"gsm8k-test-{i}", [TextTurn(pieces, " " + a, i / opt.sps, extend=False)]))
     return sessions
@@ -661,13 +679,19 @@ def read_canonical(path: str) -> tuple[str, list[dict]]:
 
 
 def _select_canonical(records: list[dict], opt: LoadOptions) -> list[dict]:
-    """Apply --sessions (first N sessions by first appearance) and --max-turns."""
+    """Apply --skip-sessions, --sessions (first N sessions by first appearance) and --max-turns."""
+    skipped: set = set()
     order: dict[str, int] = {}
     counts: dict[str, int] = {}
     out = []
     for r in records:
         sid = r["session_id"]
+        if sid in skipped:
+            continue
         if sid not in order:
+            if len(skipped) < opt.skip_sessions:
+                skipped.add(sid)
+                continue
             if opt.sessions is not None and len(order) >= opt.sessions:
                 continue
             order[sid] = len(order)
@@ -746,8 +770,12 @@ def cache_dir() -> Path:
 
 
 def _cache_key(identity: dict, opt: LoadOptions, tokenizer_fp: str) -> str:
+    options = dataclasses.asdict(opt)
+    for key, default in (("skip_sessions", 0), ("system_prompt", None)):  # keep older cache keys valid
+        if options[key] == default:
+            del options[key]
     blob = json.dumps(
-        {"v": LOADER_VERSION, "source": identity, "options": dataclasses.asdict(opt), "tokenizer": tokenizer_fp},
+        {"v": LOADER_VERSION, "source": identity, "options": options, "tokenizer": tokenizer_fp},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

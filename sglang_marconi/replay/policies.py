@@ -88,6 +88,12 @@ class PolicyOptions:
     block: int = 32  #: vllm block size
     marconi_config: Optional[dict] = None  #: overrides of MARCONI_DEFAULT_CONFIG for `marconi`
     sglang_grid: Optional[int] = None  #: override of the sglang admission grid (default: the cache's)
+    #: named Marconi variants (``--variant NAME=JSON``): policy ``marconi:NAME`` runs
+    #: MARCONI_DEFAULT_CONFIG updated with that JSON (the ablation's rows)
+    variants: tuple = ()
+
+    def variant(self, name: str) -> Optional[dict]:
+        return dict(self.variants).get(name)
 
 
 @dataclasses.dataclass
@@ -118,8 +124,13 @@ def build_policy(name: str, profile, budget: Optional[Budget], shape: TraceShape
     from ..sglang_backend.driver import CacheDriver
     from ..sglang_backend.pools import build_hybrid_cache
 
-    if name not in POLICIES:
-        raise PolicyError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
+    variant_cfg = None
+    if name.startswith("marconi:"):
+        variant_cfg = opts.variant(name.partition(":")[2])
+        if variant_cfg is None:
+            raise PolicyError(f"unknown policy {name!r}: no --variant {name.partition(':')[2]}=JSON given")
+    elif name not in POLICIES:
+        raise PolicyError(f"unknown policy {name!r} (known: {', '.join(POLICIES)}, marconi:NAME with --variant)")
     info: dict = {}
     if name == "infinite":
         kv_slots = shape.stream_tokens + KV_MARGIN
@@ -130,7 +141,7 @@ def build_policy(name: str, profile, budget: Optional[Budget], shape: TraceShape
         return built, drv, info
     if budget is None:
         raise PolicyError(f"policy {name} needs a budget")
-    if budget.single and name not in MARCONI_BASED:
+    if budget.single and name not in MARCONI_BASED and variant_cfg is None:
         raise PolicyError(
             f"policy {name}: SGLang's cache has two pools (KV tokens, SSM states) and no single byte budget; "
             "replay it with --kv-gb/--ssm-gb (or drop it from --policies with --single-budget)"
@@ -159,9 +170,9 @@ def build_policy(name: str, profile, budget: Optional[Budget], shape: TraceShape
         drv = CacheDriver(built, profile=profile, admission=SGLangGridAdmission(grid), **budgets)
         info.update(tree_core_backend=backend, admission=f"sglang-grid({grid})")
         return built, drv, info
-    if name == "marconi":
+    if name == "marconi" or variant_cfg is not None:
         cfg = dict(MARCONI_DEFAULT_CONFIG)
-        cfg.update(opts.marconi_config or {})
+        cfg.update(variant_cfg if variant_cfg is not None else (opts.marconi_config or {}))
         built = _marconi(kv_slots, mamba_slots, cfg, profile, **budgets)
         drv = CacheDriver(built, **budgets)  # default admission: MarconiAdmission(branch_points)
         info.update(config=built.cache.marconi.config.to_dict(), admission=f"marconi({drv.admission.mode})")

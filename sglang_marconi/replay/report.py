@@ -111,18 +111,18 @@ def ratios(runs: list) -> list:
         by_budget.setdefault(_budget_key(m), {})[m["policy"]] = m
     out = []
     for key, pol in by_budget.items():
-        mc = pol.get("marconi")
-        if mc is None:
-            continue
-        row = {"kv_gb": key[0], "ssm_gb": key[1], "cache_gb": key[2], "frac": mc.get("frac")}
-        for base in ("sglang", "lru", "vllm"):
-            if base in pol:
-                bh = pol[base]["token_hit_rate"]
-                row[f"hit_rate_vs_{base}"] = round(mc["token_hit_rate"] / bh, 4) if bh > 0 else None
-                row[f"p95_ttft_reduction_vs_{base}"] = (
-                    round(1 - mc["ttft_p95_ms"] / pol[base]["ttft_p95_ms"], 4) if pol[base]["ttft_p95_ms"] else None
-                )
-        out.append(row)
+        for name, mc in pol.items():
+            if not (name == "marconi" or name.startswith("marconi:")):
+                continue
+            row = {"policy": name, "kv_gb": key[0], "ssm_gb": key[1], "cache_gb": key[2], "frac": mc.get("frac")}
+            for base in ("sglang", "lru", "vllm"):
+                if base in pol:
+                    bh = pol[base]["token_hit_rate"]
+                    row[f"hit_rate_vs_{base}"] = round(mc["token_hit_rate"] / bh, 4) if bh > 0 else None
+                    row[f"p95_ttft_reduction_vs_{base}"] = (
+                        round(1 - mc["ttft_p95_ms"] / pol[base]["ttft_p95_ms"], 4) if pol[base]["ttft_p95_ms"] else None
+                    )
+            out.append(row)
     return out
 
 
@@ -176,7 +176,7 @@ def print_table(console, doc: dict, results) -> None:
     for row in doc["ratios"]:
         budget = (f"{row['cache_gb']:.3g} GB" if row["cache_gb"] is not None
                   else f"{row['kv_gb']:.3g}+{row['ssm_gb']:.3g} GB")
-        parts = [f"marconi ÷ {b}: {_fmt_rate(row.get(f'hit_rate_vs_{b}'))}" for b in ("sglang", "lru", "vllm")
+        parts = [f"{row['policy']} ÷ {b}: {_fmt_rate(row.get(f'hit_rate_vs_{b}'))}" for b in ("sglang", "lru", "vllm")
                  if f"hit_rate_vs_{b}" in row]
         p95 = [f"P95 TTFT vs {b} {-row[f'p95_ttft_reduction_vs_{b}']:+.1%}" for b in ("sglang", "lru", "vllm")
                if row.get(f"p95_ttft_reduction_vs_{b}") is not None]

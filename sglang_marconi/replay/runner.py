@@ -135,7 +135,7 @@ def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
             "admission": info.get("admission"),
             "replay_requests_per_s": round(n / wall, 1) if wall > 0 else None,
         }
-        if st is not None and policy == "marconi":
+        if st is not None and (policy == "marconi" or policy.startswith("marconi:")):
             m["alpha"] = st.alpha
             m["alpha_tunings"] = len(st.tuner.events) if st.tuner is not None else 0
         return RunResult(policy, budget, m, ttft, info, hits)
@@ -324,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cache-gb=Z1,Z2,... (with --single-budget)")
     t = ap.add_argument_group("trace")
     t.add_argument("--sessions", type=int, default=100, help="first N eligible sessions (default 100, the paper's)")
+    t.add_argument("--skip-sessions", type=int, default=0,
+                   help="skip the first N eligible sessions (e.g. the second half of a trace; default 0)")
+    t.add_argument("--system-prompt", metavar="TEXT|@FILE",
+                   help="sharegpt: put this system message in front of every conversation (a shared-prefix chat "
+                        "trace); @FILE reads it from a file")
     t.add_argument("--max-turns", type=int, help="requests per session (default: swe-agent 50, others unlimited)")
     t.add_argument("--min-turns", type=int, help="skip shorter sessions (default: sharegpt 10, others 1)")
     t.add_argument("--max-tokens", type=int, default=32768,
@@ -340,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=32, help="vllm block size in tokens (default 32)")
     p.add_argument("--marconi-config", help="JSON overrides of the marconi policy's config "
                                             "(default {\"alpha\": \"auto\", \"tuner\": \"inline\"})")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                   help="define policy marconi:NAME = the marconi policy with these config overrides "
+                        "(repeatable; list marconi:NAME in --policies, or it is appended)")
     p.add_argument("--sglang-grid", type=int, help="sglang checkpoint grid (default: the cache's mamba_checkpoint_grid)")
     o = ap.add_argument_group("output")
     o.add_argument("--ttft-a-ms", type=float, default=TTFT_A_MS, help=f"TTFT model a (default {TTFT_A_MS} ms)")
@@ -354,15 +362,46 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _policies(spec: str) -> list[str]:
+def _variants(specs: Sequence[str]) -> tuple:
+    """``--variant NAME=JSON`` → ((name, config dict), ...), validated."""
+    from ..policy.config import MarconiConfigError, parse_config
+
+    out: dict = {}
+    for spec in specs:
+        name, sep, raw = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ReplayError(f"--variant {spec!r}: expected NAME=JSON with a name of letters, digits, '-', '_', '.'")
+        if name in out:
+            raise ReplayError(f"--variant {name!r} is given twice")
+        try:
+            cfg = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ReplayError(f"--variant {name}: not JSON ({e.msg}): {raw!r}") from None
+        if not isinstance(cfg, dict):
+            raise ReplayError(f"--variant {name}: must be a JSON object, got {raw!r}")
+        try:
+            parse_config({"alpha": "auto", "tuner": "inline", **cfg})
+        except MarconiConfigError as e:
+            raise ReplayError(f"--variant {name}: {str(e).removeprefix('marconi config: ')}") from None
+        out[name] = cfg
+    return tuple(out.items())
+
+
+def _policies(spec: str, variants: tuple = ()) -> list[str]:
     out = []
+    names = {f"marconi:{n}" for n, _ in variants}
     for p in (x.strip() for x in spec.split(",")):
         if not p:
             continue
-        if p not in POLICIES:
-            raise ReplayError(f"--policies: unknown policy {p!r} (known: {', '.join(POLICIES)})")
+        if p not in POLICIES and p not in names:
+            raise ReplayError(f"--policies: unknown policy {p!r} (known: {', '.join(POLICIES)}"
+                              + (f", {', '.join(sorted(names))}" if names else "") + ")")
         if p not in out:
             out.append(p)
+    for n in sorted(names, key=lambda x: [v for v, _ in variants].index(x.partition(":")[2])):
+        if n not in out:
+            out.append(n)
     if not out:
         raise ReplayError("--policies is empty")
     return out
@@ -374,7 +413,8 @@ def run(args, *, console=None) -> dict:
     from ..sglang_backend.factory import resolve_profile
     from . import report
 
-    policies = _policies(args.policies)
+    variants = _variants(args.variant)
+    policies = _policies(args.policies, variants)
     if args.block < 1:
         raise ReplayError(f"--block must be >= 1, got {args.block}")
     if not (args.frac > 0):
@@ -397,7 +437,15 @@ def run(args, *, console=None) -> dict:
             "--single-budget: policy sglang is SGLang's two-pool cache (KV tokens, SSM states) and has no single "
             "byte budget; replay it with --kv-gb/--ssm-gb, or drop it from --policies"
         )
+    system_prompt = args.system_prompt
+    if system_prompt is not None and system_prompt.startswith("@"):
+        try:
+            with open(system_prompt[1:], encoding="utf-8") as f:
+                system_prompt = f.read()
+        except OSError as e:
+            raise ReplayError(f"--system-prompt {args.system_prompt}: cannot read ({e.strerror})") from None
     opt = LoadOptions(
+        skip_sessions=args.skip_sessions, system_prompt=system_prompt,
         sessions=args.sessions, max_turns=args.max_turns, max_tokens=args.max_tokens, min_turns=args.min_turns,
         sps=args.sps, seed=args.seed, k=args.k, tokenizer=args.tokenizer,
         swe_drop_observations=args.swe_drop_observations,
@@ -405,7 +453,8 @@ def run(args, *, console=None) -> dict:
     ui = report.Progress(enabled=not args.no_progress, console=console)
     with ui:
         trace = load_trace(args.trace, opt, use_cache=not args.no_cache, progress=ui.load_progress)
-        popts = PolicyOptions(block=args.block, marconi_config=marconi_cfg, sglang_grid=args.sglang_grid)
+        popts = PolicyOptions(block=args.block, marconi_config=marconi_cfg, sglang_grid=args.sglang_grid,
+                              variants=variants)
         common = dict(popts=popts, ttft_a_ms=args.ttft_a_ms, ttft_b_ms=args.ttft_b_ms)
         inf_result = None
         inf = None
