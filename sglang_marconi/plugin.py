@@ -42,6 +42,38 @@ def _before_check(self, *args, **kwargs):
     return None
 
 
+def cut_prefill_at_branch_point(admission, adder, req, *args, **kwargs):
+    """End a new request's first prefill chunk exactly at its Marconi branch point.
+
+    SGLang checkpoints a request's state only where a prefill chunk ends
+    (``cache_unfinished_req``), and its chunks end where the token budget
+    runs out. Marconi's branch point (the end of the KV match, where the
+    request leaves the cached tree) usually lies strictly inside the first
+    chunk, so siblings of a shared prefix would never get its state. This
+    AFTER hook on ``PrefillAdder._select_prefill_admission`` shortens that
+    chunk to end at the branch point; the Marconi component then admits the
+    state there, and the rest of the input is the next chunk. Only on a
+    Marconi tree, with chunked prefill on, for a request not yet checkpointed,
+    and when no other chunked request is pending in this batch (SGLang tracks
+    one); the batch takes no further requests after the cut.
+    """
+    from sglang.srt.managers.schedule_policy import _PrefillAdmission
+
+    if not isinstance(admission, _PrefillAdmission):
+        return None
+    if getattr(adder.tree_cache, "marconi", None) is None or adder.rem_chunk_tokens is None:
+        return None
+    branch = getattr(req, "mamba_branching_seqlen", None)
+    if branch is None or getattr(req, "marconi_branch_admitted", False) or adder.new_chunked_req is not None:
+        return None
+    start, end = admission.prefix_len, admission.prefix_len + admission.extend_len
+    if not (start < branch < end) or admission.replay_len:
+        return None
+    cut = branch - start
+    adder.rem_chunk_tokens = min(adder.rem_chunk_tokens, cut)  # nothing else joins this batch
+    return _PrefillAdmission(start, cut, 0, True, admission.replay_len)
+
+
 def register() -> None:
     global _HOOKED
     from sglang.srt.mem_cache.registry import (
@@ -57,4 +89,9 @@ def register() -> None:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
         HookRegistry.register("sglang.srt.server_args.ServerArgs.check_server_args", _before_check, HookType.BEFORE)
+        HookRegistry.register(
+            "sglang.srt.managers.schedule_policy.PrefillAdder._select_prefill_admission",
+            cut_prefill_at_branch_point,
+            HookType.AFTER,
+        )
         _HOOKED = True

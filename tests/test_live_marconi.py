@@ -8,11 +8,14 @@ script (a shared system prompt over three requests, a three-turn chat fed
 with the server's own replies, a branching conversation) must give identical
 greedy tokens on both, and the Marconi server must report cached tokens.
 
-What hits with ``no_buffer``: SGLang stores an SSM state only where a request
+What hits with ``no_buffer``: SGLang stores an SSM state where a request
 ended (input + output - 1), so next turns and branches taken *after* a reply
-hit; a sibling that shares only a system prompt with an earlier request does
-not (the state at the branch point would need the prefill to end there,
-which is not wired; see kernels/README.md). The tests assert exactly that.
+hit. A sibling that shares only a system prompt with an earlier request
+creates a branch point inside the cached tree; the plugin ends that request's
+first prefill chunk exactly there (``plugin.cut_prefill_at_branch_point``),
+the Marconi component admits the state, and the *third* request sharing the
+prompt hits it. The tests assert exactly that, and that the cut chunk leaves
+greedy outputs unchanged.
 
 Skipped (with the reason) without the server requirements or the
 ``sglang.srt.plugins`` entry point; see tests/test_cpu_serving.py.
@@ -164,8 +167,13 @@ def test_marconi_reports_cached_tokens(runs):
     for b in (0, 1):  # both branches share the base conversation's stored state
         assert cached[f"branch-{b}"] == len(base_ids) + len(base_out) - 1
         assert cached[f"branch-{b}-deeper"] > cached[f"branch-{b}"]
-    # no state at the shared system prompt's branch point under no_buffer (see module doc)
-    assert cached["shared-system-0"] == 0
+    # the shared system prompt: request 1 creates the branch point (its first chunk
+    # ends there and the state is admitted), request 2 hits exactly that prefix
+    assert cached["shared-system-0"] == 0 and cached["shared-system-1"] == 0
+    ids = [by_label[f"shared-system-{i}"][1] for i in range(3)]
+    first = ids[0] + by_label["shared-system-0"][2]
+    common = next(k for k in range(min(len(first), len(ids[1]))) if first[k] != ids[1][k])
+    assert cached["shared-system-2"] == common > 0
 
 
 def _scrape(srv):

@@ -36,6 +36,10 @@ from ..policy.admission import AdmissionReason, branch_point
 from ..policy.utility import EvictionQueue
 
 
+def _node_id(node) -> int:
+    return node.id
+
+
 class MarconiMambaComponent(MambaComponent):
     @property
     def marconi(self):
@@ -137,7 +141,9 @@ class MarconiMambaComponent(MambaComponent):
         st = self.marconi
         st.on_eviction_call()
         leaves = self.tree_core.evictable_device_leaves
-        cands = [st.candidate(n, frees_kv=n in leaves) for n in self._holders()]
+        # Node-id order: equal utilities break the same way in every process
+        # (the leaf set iterates in memory order).
+        cands = [st.candidate(n, frees_kv=n in leaves) for n in sorted(self._holders(), key=_node_id)]
         self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0)
         self._evict_device_request_cnt = request_cnt
         self._last_leaf = None
@@ -198,7 +204,8 @@ class MarconiFullComponent(FullComponent):
     def _evict_device_start(self, request_cnt: int) -> None:
         st = self.marconi
         st.on_eviction_call()
-        cands = [st.candidate(n, frees_kv=True, pool="kv") for n in self.tree_core.evictable_device_leaves]
+        leaves = sorted(self.tree_core.evictable_device_leaves, key=_node_id)
+        cands = [st.candidate(n, frees_kv=True, pool="kv") for n in leaves]
         self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0)
         self._evict_device_request_cnt = request_cnt
         self._evict_device_last_node = None
