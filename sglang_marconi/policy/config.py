@@ -32,6 +32,7 @@ PAPER_TUNER_DEFAULTS = {"retune": False, "confirm": False, "warm_start": False, 
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
 REFRESH_MODES = ("deepest", "path")
+STATE_CANDIDATES = ("narrow", "all")
 
 
 class MarconiConfigError(ValueError):
@@ -78,6 +79,10 @@ class MarconiConfig:
     refresh: str = "deepest"
     #: The same for the KV pool's recency (leaves of the KV pool).
     kv_refresh: str = "deepest"
+    #: SSM-state eviction candidates: "narrow" (holders with at most one child,
+    #: the paper's rule: a branch point's state serves several children) or
+    #: "all" (every unlocked holder, as SGLang's LRU does).
+    state_candidates: str = "narrow"
     #: Paper-faithful single byte budget over KV + states (GB); None = SGLang's
     #: two pools, each budgeted by its own allocator.
     single_budget_gb: Optional[float] = None
@@ -189,6 +194,10 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             out[key] = _number(key, value)
             if out[key] >= 1.0:
                 raise _err(key, value, "must be in [0, 1)")
+        elif key == "state_candidates":
+            if value not in STATE_CANDIDATES:
+                raise _err(key, value, f"must be one of {', '.join(STATE_CANDIDATES)}")
+            out[key] = value
         elif key == "single_budget_gb":
             out[key] = None if value is None else _number(key, value, minimum=1e-9)
         elif key == "tuner":

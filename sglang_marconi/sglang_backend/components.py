@@ -134,6 +134,8 @@ class MarconiMambaComponent(MambaComponent):
         ct = self.component_type
         nodes = self.tree_core.lru_lists[ct].cache.values()
         unlocked = [n for n in nodes if n.component_data[ct].lock_ref == 0]
+        if self.marconi.config.state_candidates == "all":
+            return unlocked
         narrow = [n for n in unlocked if len(n.children) <= 1]
         return narrow or unlocked
 
