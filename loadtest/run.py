@@ -47,7 +47,22 @@ def run_one(name, extra, model, a, out: Path) -> dict:
     finally:
         srv.stop()
     rows = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
-    return summarize(rows)
+    out_summary = summarize(rows)
+    out_summary["failures"] = failures(out / f"{name}_stats.csv")
+    return out_summary
+
+
+def failures(stats_csv: Path) -> int:
+    """Locust's failure count over every request entry (its "Aggregated" row)."""
+    import csv
+
+    if not stats_csv.exists():
+        return -1
+    with open(stats_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("Name") == "Aggregated":
+                return int(row.get("Failure Count") or 0)
+    return -1
 
 
 def _seconds(d: str) -> int:
@@ -73,15 +88,15 @@ def summarize(rows) -> dict:
 
 def table(results: dict) -> str:
     base = results.get("disabled", {})
-    lines = ["| cache | requests | TTFT p50 ms | TTFT p90 ms | cached/prompt tokens | TTFT p50 vs disabled | requests vs disabled |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| cache | requests | failed | TTFT p50 ms | TTFT p90 ms | cached/prompt tokens | TTFT p50 vs disabled | requests vs disabled |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if not r.get("requests"):
-            lines.append(f"| {name} | 0 | - | - | - | - | - |")
+            lines.append(f"| {name} | 0 | {r.get('failures', '-')} | - | - | - | - | - |")
             continue
         rt = r["ttft_p50_ms"] / base["ttft_p50_ms"] if base.get("requests") else float("nan")
         rq = r["requests"] / base["requests"] if base.get("requests") else float("nan")
-        lines.append(f"| {name} | {r['requests']} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | "
+        lines.append(f"| {name} | {r['requests']} | {r.get('failures', '-')} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | "
                      f"{r['cached_tokens']}/{r['prompt_tokens']} ({r['hit_ratio']:.1%}) | {rt:.2f} | {rq:.2f} |")
     return "\n".join(lines)
 
@@ -94,14 +109,23 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", default=str(HERE / "out"))
-    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--model-dir", default=None, help="model to serve (default: built from --model-size)")
+    ap.add_argument("--model-size", default="small", choices=["tiny", "small"],
+                    help="NemotronH preset built when --model-dir is not given (default small: its prefill costs "
+                         "real compute here; the tiny model's prefill is as cheap as the scheduler's overhead)")
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     from sglang_marconi.cpu_serving.launch import DEFAULT_MODEL_DIR
-    from sglang_marconi.cpu_serving.tiny_model import build
+    from sglang_marconi.cpu_serving.tiny_model import MODEL_PRESETS, build
 
-    model = build(a.model_dir or DEFAULT_MODEL_DIR)
+    if a.model_dir:
+        model = build(a.model_dir)
+    elif a.model_size == "tiny":
+        model = build(DEFAULT_MODEL_DIR)
+    else:
+        model = build(DEFAULT_MODEL_DIR.parent / f"{a.model_size}-nemotron-h", dtype="float32",
+                      **MODEL_PRESETS[a.model_size])
     results = {}
     for name in a.configs.split(","):
         t0 = time.monotonic()

@@ -158,3 +158,51 @@ def test_non_hybrid_model_is_refused(server_args_marconi):
 
     with pytest.raises(ValueError, match="no SSM layers"):
         create_tree_cache(_ctx(_params(), server_args_marconi, hybrid_ssm=False))
+
+
+# ------------------------------------------------ prefill cut at the branch point
+
+
+class _Adder:
+    def __init__(self, marconi=True, rem=4096, chunked=None):
+        self.tree_cache = type("T", (), {"marconi": object() if marconi else None})()
+        self.rem_chunk_tokens = rem
+        self.new_chunked_req = chunked
+
+
+class _Req:
+    def __init__(self, branch, admitted=False):
+        self.mamba_branching_seqlen = branch
+        if admitted:
+            self.marconi_branch_admitted = True
+
+
+def test_prefill_cut_ends_the_first_chunk_at_the_branch_point():
+    from sglang.srt.managers.schedule_policy import _PrefillAdmission
+
+    from sglang_marconi.plugin import cut_prefill_at_branch_point
+
+    adm = _PrefillAdmission(prefix_len=10, extend_len=90, max_new_tokens=16, is_chunked=False, replay_len=0)
+    adder = _Adder()
+    out = cut_prefill_at_branch_point(adm, adder, _Req(40))
+    assert out == _PrefillAdmission(10, 30, 0, True, 0)  # chunk [10, 40), no decode yet
+    assert adder.rem_chunk_tokens == 30  # the batch takes nothing after this chunk
+    # left alone: branch outside (prefix, end), already admitted, not a Marconi tree,
+    # chunking off, another chunked request pending, a verdict instead of an admission
+    for a, req in (
+        (_Adder(), _Req(None)), (_Adder(), _Req(10)), (_Adder(), _Req(100)), (_Adder(), _Req(120)),
+        (_Adder(), _Req(40, admitted=True)), (_Adder(marconi=False), _Req(40)), (_Adder(rem=None), _Req(40)),
+        (_Adder(chunked=object()), _Req(40)),
+    ):
+        assert cut_prefill_at_branch_point(adm, a, req) is None
+    assert cut_prefill_at_branch_point("NO_TOKEN", _Adder(), _Req(40)) is None
+
+
+def test_prefill_cut_hook_is_registered():
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from sglang_marconi import plugin
+
+    plugin.register()
+    hooks = HookRegistry._hooks["sglang.srt.managers.schedule_policy.PrefillAdder._select_prefill_admission"]
+    assert any(h is plugin.cut_prefill_at_branch_point and t == HookType.AFTER for t, h, _ in hooks)
