@@ -57,6 +57,9 @@ class MarconiConfig:
     switch_margin: float = 0.02
     #: A new α must win again on the next window before it is adopted (hold-out).
     confirm: bool = True
+    #: Windows of history each tuning replay runs (uncounted) before the scored
+    #: window, so the replayed cache is in the steady state of the α it tries.
+    warmup_windows: int = 1
     #: α is chosen on FLOPs saved summed over past windows, each older window
     #: weighted by this factor (0 = the last window only, as the paper did):
     #: single windows are short and noisy on agentic traces.
@@ -162,7 +165,7 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             )
         if key == "alpha":
             out[key] = None if value == "auto" else _number(key, value)
-        elif key == "window_multiplier" or key == "tuner_max_requests":
+        elif key in ("window_multiplier", "tuner_max_requests", "warmup_windows"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise _err(key, value, "must be an integer >= 1")
             out[key] = value

@@ -99,7 +99,7 @@ class AlphaTuner:
         self.requests_seen = 0
         self.n0: Optional[int] = None
         self.next_tune_at: Optional[int] = None
-        self._log: deque[RequestRecord] = deque(maxlen=2 * config.tuner_max_requests)
+        self._log: deque[RequestRecord] = deque(maxlen=(1 + config.warmup_windows) * config.tuner_max_requests)
         self._future: Optional[cf.Future] = None
         self._future_meta: Optional[tuple[int, int]] = None
         self._executor: Optional[cf.Executor] = None
@@ -143,7 +143,8 @@ class AlphaTuner:
         log = list(self._log)
         window = log[-w:]
         warm = self.config.warm_start or len(self.events) > 0 or self.skipped_windows
-        warmup = log[-2 * w : -w] if warm else []
+        k = self.config.warmup_windows
+        warmup = log[-(k + 1) * w : -w] if warm else []
         alphas = sorted(set(self.grid) | {self.alpha})
         meta = (self.requests_seen, len(window))
         if self.config.tuner == "inline":
