@@ -553,3 +553,17 @@ def test_grid_top_that_wins_is_extended():
     feed(t, i, 2)
     assert fake.calls[-1]["alphas"] == [0.0, 0.5, 1.0, 2.0, 4.0]
     assert t.alpha == 4.0 and t.grid[-1] == 8.0
+
+
+def test_warmup_windows_and_alpha_max():
+    fake = FakeReplay(lambda n: {a: a for a in (0.0, 0.5, 1.0, 2.0, 4.0)})
+    t = _default_tuner(fake, window_multiplier=1, warm_start=False, confirm=False, warmup_windows=2, alpha_max=1.0)
+    assert t.grid == [0.0, 0.5, 1.0]
+    i = feed(t, 0, 2)
+    t.on_eviction()  # W = 2
+    i = feed(t, i, 2)  # first tuning: no history before the window
+    i = feed(t, i, 2)  # second: up to two windows of warm-up exist
+    i = feed(t, i, 2)
+    assert fake.calls[-1]["warmup"] == [req(k) for k in range(1, 5)]  # tunings at requests 3, 5, 7
+    assert fake.calls[-1]["window"] == [req(k) for k in range(5, 7)]
+    assert t.alpha == 1.0 and max(t.grid) == 1.0  # the top never grows past alpha_max

@@ -396,6 +396,9 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"warm_start": 1}, "warm_start"),
         ({"confirm": "no"}, "confirm"),
         ({"input_state": None}, "input_state"),
+        ({"warmup_windows": 0}, "warmup_windows"),
+        ({"alpha_max": -1}, "alpha_max"),
+        ({"state_candidates": "some"}, "state_candidates"),
     ],
 )
 def test_parse_config_rejects_bad_key_or_value(raw, key):

@@ -47,6 +47,8 @@ class MarconiConfig:
     window_multiplier: int = 5
     #: Candidate α values the tuner replays.
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    #: Largest α the tuner may try (None: unbounded; the grid's top doubles when it wins).
+    alpha_max: Optional[float] = None
     #: Re-tune every window (True) or once, as the paper did (False).
     retune: bool = True
     #: Score α on steady-state windows only: the first tuning waits for one
@@ -191,6 +193,8 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             if value not in REFRESH_MODES:
                 raise _err(key, value, f"must be one of {', '.join(REFRESH_MODES)}")
             out[key] = value
+        elif key == "alpha_max":
+            out[key] = None if value is None else _number(key, value)
         elif key == "switch_margin":
             out[key] = _number(key, value)
         elif key == "score_decay":

@@ -105,7 +105,8 @@ class AlphaTuner:
         self._executor: Optional[cf.Executor] = None
         self.events: list[TuningEvent] = []
         self.skipped_windows = 0
-        self.grid: list[float] = sorted(set(config.alpha_grid))
+        cap = config.alpha_max
+        self.grid: list[float] = sorted(a for a in set(config.alpha_grid) if cap is None or a <= cap)
         self.cum_scores: dict[float, float] = {}
         self.pending: Optional[float] = None  # α chosen on the last window, awaiting confirmation
 
@@ -184,8 +185,9 @@ class AlphaTuner:
             new_alpha = choose_alpha(cum, self.alpha, margin)
         top = max(self.grid)
         below = [cum[a] for a in cum if a < top]
-        if top > 0 and below and cum[top] > max(below):  # the top wins outright: try beyond it next time
-            self.grid.append(top * 2)
+        cap = self.config.alpha_max
+        if top > 0 and below and cum[top] > max(below) and (cap is None or top * 2 <= cap):
+            self.grid.append(top * 2)  # the top wins outright: try beyond it next time
         self.events.append(TuningEvent(at_request=meta[0], window=meta[1], alpha=new_alpha, scores=dict(scores)))
         logger.info("marconi: α %.2f -> %.2f (window of %d requests ending at %d)", self.alpha, new_alpha, meta[1], meta[0])
         self.alpha = new_alpha
