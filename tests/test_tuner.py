@@ -567,3 +567,61 @@ def test_warmup_windows_and_alpha_max():
     assert fake.calls[-1]["warmup"] == [req(k) for k in range(1, 5)]  # tunings at requests 3, 5, 7
     assert fake.calls[-1]["window"] == [req(k) for k in range(5, 7)]
     assert t.alpha == 1.0 and max(t.grid) == 1.0  # the top never grows past alpha_max
+
+
+# ------------------------------------------------- replays from a tree snapshot
+
+
+def _branchy_requests(seed, n):
+    import random
+
+    rng = random.Random(seed)
+    sessions = {}
+    out = []
+    for _ in range(n):
+        s = rng.randrange(12)
+        h = sessions.get(s, [1000 + s % 4] * rng.randrange(5, 40))  # 4 shared system prompts
+        inp = h + [rng.randrange(2, 900) for _ in range(rng.randrange(1, 30))]
+        o = [rng.randrange(2, 900) for _ in range(rng.randrange(1, 20))]
+        sessions[s] = inp + o
+        out.append((inp, o))
+    return out
+
+
+def test_tree_snapshot_round_trip_replays_identically(make_marconi):
+    pools = dict(kv_slots=4000, mamba_slots=40, kv_budget=2800, state_budget=30)
+    reqs = _branchy_requests(0, 300)
+    b1, d1 = make_marconi(alpha=0.5, **pools)
+    for inp, o in reqs[:200]:
+        d1.run(inp, o)
+    snap = b1.cache.export_tree()
+    assert len(snap.nodes) > 3 and any(n[2] for n in snap.nodes) and any(n[0] >= 0 for n in snap.nodes)
+    b2, d2 = make_marconi(alpha=0.5, **pools)
+    d2.load_snapshot(snap)
+    assert b2.cache.export_tree() == snap  # shape, states, stamps and clock
+    assert (d2.tree_kv_tokens(), d2.tree_states()) == (d1.tree_kv_tokens(), d1.tree_states())
+    for inp, o in reqs[200:]:
+        assert d1.run(inp, o).hit_len == d2.run(inp, o).hit_len
+
+
+def test_snapshot_replay_start_passes_the_tree_of_the_window_start(make_marconi):
+    from sglang_marconi.sglang_backend.tuning import replay_alphas
+
+    pools = dict(kv_slots=4000, mamba_slots=40, kv_budget=1500, state_budget=12)
+    built, drv = make_marconi(alpha="auto", alpha_grid=GRID, window_multiplier=2, replay_start="snapshot", **pools)
+    tuner = built.cache.marconi.tuner
+    assert tuner.snapshot_fn is not None
+    calls = []
+    real = tuner.replay_fn
+
+    def spy(spec, warmup, window, alphas, snapshot=None):
+        calls.append((len(warmup), len(window), snapshot))
+        return real(spec, warmup, window, alphas, snapshot)
+
+    tuner.replay_fn = spy
+    for inp, o in _branchy_requests(1, 200):
+        drv.run(inp, o)
+    assert tuner.n0 is not None and len(calls) >= 2
+    # every tuning after the first snapshot starts from a tree, with no warm-up requests
+    assert all(w == 0 and snap is not None for w, _, snap in calls)
+    assert replay_alphas is real

@@ -399,6 +399,7 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"warmup_windows": 0}, "warmup_windows"),
         ({"alpha_max": -1}, "alpha_max"),
         ({"state_candidates": "some"}, "state_candidates"),
+        ({"replay_start": "live"}, "replay_start"),
     ],
 )
 def test_parse_config_rejects_bad_key_or_value(raw, key):

@@ -33,6 +33,7 @@ BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
 REFRESH_MODES = ("deepest", "path")
 STATE_CANDIDATES = ("narrow", "all")
+REPLAY_STARTS = ("warmup", "snapshot")
 
 
 class MarconiConfigError(ValueError):
@@ -59,6 +60,10 @@ class MarconiConfig:
     switch_margin: float = 0.02
     #: A new α must win again on the next window before it is adopted (hold-out).
     confirm: bool = True
+    #: What a tuning replay starts from: "warmup" (an empty cache fed the
+    #: previous window(s), uncounted) or "snapshot" (a copy of the live tree as
+    #: it was when the scored window began: shape, states and recency stamps).
+    replay_start: str = "warmup"
     #: Windows of history each tuning replay runs (uncounted) before the scored
     #: window, so the replayed cache is in the steady state of the α it tries.
     warmup_windows: int = 1
@@ -201,6 +206,10 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             out[key] = _number(key, value)
             if out[key] >= 1.0:
                 raise _err(key, value, "must be in [0, 1)")
+        elif key == "replay_start":
+            if value not in REPLAY_STARTS:
+                raise _err(key, value, f"must be one of {', '.join(REPLAY_STARTS)}")
+            out[key] = value
         elif key == "state_candidates":
             if value not in STATE_CANDIDATES:
                 raise _err(key, value, f"must be one of {', '.join(STATE_CANDIDATES)}")

@@ -109,6 +109,10 @@ class AlphaTuner:
         self.grid: list[float] = sorted(a for a in set(config.alpha_grid) if cap is None or a <= cap)
         self.cum_scores: dict[float, float] = {}
         self.pending: Optional[float] = None  # α chosen on the last window, awaiting confirmation
+        #: ``replay_start: "snapshot"``: the cache sets this to its ``export_tree``
+        self.snapshot_fn: Optional[Callable[[], Any]] = None
+        self._snap: Optional[tuple[int, Any]] = None  # (requests_seen when taken, snapshot)
+        self._snap_due: Optional[int] = None
 
     # -- inputs from the cache --------------------------------------------
     @property
@@ -120,6 +124,7 @@ class AlphaTuner:
             return
         self.n0 = max(1, self.requests_seen)
         self.next_tune_at = (2 if self.config.warm_start else 1) * self.window
+        self._snap_due = self.next_tune_at - self.window
         logger.info("marconi: first eviction after %d requests; tuning window W=%d", self.n0, self.window)
 
     def on_request_finished(self, input_ids: Sequence[int], output_ids: Sequence[int]) -> None:
@@ -131,6 +136,10 @@ class AlphaTuner:
         if self.next_tune_at is not None and self.requests_seen >= self.next_tune_at:
             self._launch()
             self.next_tune_at = (self.requests_seen + self.window) if self.config.retune else None
+            self._snap_due = self.requests_seen if self.next_tune_at is not None else None
+        if self.snapshot_fn is not None and self._snap_due is not None and self.requests_seen >= self._snap_due:
+            self._snap = (self.requests_seen, self.snapshot_fn())  # the start of the next scored window
+            self._snap_due = None
 
     # -- tuning jobs --------------------------------------------------------
     def _launch(self) -> None:
@@ -146,11 +155,16 @@ class AlphaTuner:
         warm = self.config.warm_start or len(self.events) > 0 or self.skipped_windows
         k = self.config.warmup_windows
         warmup = log[-(k + 1) * w : -w] if warm else []
+        snapshot = None
+        if self._snap is not None and self._snap[0] == self.requests_seen - len(window):
+            snapshot, warmup = self._snap[1], []  # start from the live tree as the window began
+        self._snap = None
+        extra = (snapshot,) if snapshot is not None else ()
         alphas = sorted(set(self.grid) | {self.alpha})
         meta = (self.requests_seen, len(window))
         if self.config.tuner == "inline":
             try:
-                scores = self.replay_fn(self.spec, warmup, window, alphas)
+                scores = self.replay_fn(self.spec, warmup, window, alphas, *extra)
             except Exception:  # like the off-thread modes: keep α, keep serving
                 logger.exception("marconi: α tuning replay failed; keeping α=%.2f", self.alpha)
                 return
@@ -163,7 +177,7 @@ class AlphaTuner:
                 )
             else:
                 self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="marconi-tuner")
-        self._future = self._executor.submit(self.replay_fn, self.spec, warmup, window, alphas)
+        self._future = self._executor.submit(self.replay_fn, self.spec, warmup, window, alphas, *extra)
         self._future_meta = meta
 
     def _finish(self, meta: tuple[int, int], scores: dict[float, float]) -> None:

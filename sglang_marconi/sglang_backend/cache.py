@@ -26,6 +26,13 @@ logger = logging.getLogger("sglang_marconi")
 GB = 1e9
 
 
+@dataclasses.dataclass(frozen=True)
+class TreeSnapshot:
+    clock: float
+    #: (parent index or -1, the node's own tokens, holds a state, state stamp, KV stamp), pre-order
+    nodes: tuple
+
+
 class MarconiRadixCache(UnifiedRadixCache):
     def __init__(self, params, *, config: MarconiConfig, profile, tuner_spec=None):
         if ComponentType.MAMBA not in (params.tree_components or ()):
@@ -53,6 +60,29 @@ class MarconiRadixCache(UnifiedRadixCache):
         self.marconi = MarconiState(config, profile, tuner)
         super().__init__(params)
         self.marconi.root = self.tree_core.root_node
+        if tuner is not None and config.replay_start == "snapshot":
+            tuner.snapshot_fn = self.export_tree
+
+    # -- tree snapshots for the α tuner's replays ------------------------------
+    def export_tree(self) -> "TreeSnapshot":
+        """The tree's shape, states and recency stamps (no tensors, picklable):
+        what a tuning replay needs to start from the live cache instead of a
+        warm-up. Nodes in pre-order, each with its parent's index."""
+        ct = ComponentType.MAMBA
+        nodes = []
+        stack = [(self.tree_core.root_node, -1)]
+        while stack:
+            node, parent = stack.pop()
+            idx = parent
+            if node is not self.tree_core.root_node:
+                idx = len(nodes)
+                nodes.append((
+                    parent, tuple(node.key.token_ids), node.component_data[ct].value is not None,
+                    getattr(node, "marconi_t", 0.0), getattr(node, "marconi_kv_t", 0.0),
+                ))
+            for child in sorted(node.children.values(), key=lambda n: n.id, reverse=True):
+                stack.append((child, idx))
+        return TreeSnapshot(clock=self.marconi.clock, nodes=tuple(nodes))
 
     def evict(self, params):
         """Count-driven eviction with the KV frees of the whole call batched into

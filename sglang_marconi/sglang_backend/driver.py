@@ -207,6 +207,29 @@ class CacheDriver:
             cache.dec_lock_ref(held.node, held.lock.to_dec_params())
             held.node, held.lock = res.last_device_node, new_lock
 
+    # -- snapshots ------------------------------------------------------------
+    def load_snapshot(self, snap) -> None:
+        """Rebuild a tree exported by ``MarconiRadixCache.export_tree`` into this
+        (empty) cache: same nodes, states and recency stamps, fresh slots."""
+        cache = self.cache
+        nodes: list = []
+        paths: list = []
+        for parent, own, has_state, t, kv_t in snap.nodes:
+            base = () if parent < 0 else paths[parent]
+            path = base + tuple(own)
+            prefix = cache.path_device_indices(nodes[parent]) if parent >= 0 else torch.empty((0,), dtype=torch.int64)
+            value = torch.cat([prefix.to(torch.int64), self._alloc_kv(len(own)).to(torch.int64)])
+            slot = self._alloc_state() if has_state else None
+            res = cache.insert(InsertParams(key=_key(path), value=value, mamba_value=slot, prev_prefix_len=len(base)))
+            if slot is not None and res.mamba_exist:
+                self.built.mamba_allocator.free(slot)
+            tree_node = cache.tree_core.node_by_id(res.last_device_node)
+            tree_node.marconi_t, tree_node.marconi_kv_t = t, kv_t
+            nodes.append(res.last_device_node)
+            paths.append(path)
+        if self.marconi is not None:
+            self.marconi.clock = max(self.marconi.clock, snap.clock)
+
     # -- budgets --------------------------------------------------------------
     def tree_kv_tokens(self) -> int:
         return self.cache.full_evictable_size() + self.cache.full_protected_size()

@@ -56,8 +56,10 @@ def build_marconi_cache(
     )
 
 
-def replay_alphas(spec: TunerSpec, warmup: Sequence, window: Sequence, alphas: Sequence[float]) -> dict[float, float]:
-    """FLOPs saved over ``window`` for each α (warm-up requests replayed first, uncounted)."""
+def replay_alphas(spec: TunerSpec, warmup: Sequence, window: Sequence, alphas: Sequence[float],
+                  snapshot=None) -> dict[float, float]:
+    """FLOPs saved over ``window`` for each α (warm-up requests replayed first, uncounted;
+    or, with ``snapshot``, starting from that copy of the live tree)."""
     from .driver import CacheDriver
 
     scores: dict[float, float] = {}
@@ -67,6 +69,8 @@ def replay_alphas(spec: TunerSpec, warmup: Sequence, window: Sequence, alphas: S
         drv = CacheDriver(
             built, kv_budget=spec.kv_budget, state_budget=spec.state_budget, byte_budget=spec.byte_budget
         )
+        if snapshot is not None:
+            drv.load_snapshot(snapshot)
         for inp, out in warmup:
             drv.run(inp, out)
         scores[float(alpha)] = sum(drv.run(inp, out).flops_saved for inp, out in window)
