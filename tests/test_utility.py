@@ -400,6 +400,7 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"alpha_max": -1}, "alpha_max"),
         ({"state_candidates": "some"}, "state_candidates"),
         ({"replay_start": "live"}, "replay_start"),
+        ({"utility_form": "max"}, "utility_form"),
     ],
 )
 def test_parse_config_rejects_bad_key_or_value(raw, key):
@@ -431,3 +432,17 @@ def test_parse_config_rejects_json_array_and_non_mapping():
 
 def test_config_error_is_value_error():
     assert issubclass(MarconiConfigError, ValueError)
+
+
+def test_product_form_never_keeps_the_stalest_candidate():
+    from sglang_marconi.policy.utility import Candidate, argmin_utility, utilities
+
+    # c0: stalest but by far the most FLOP-efficient; c1/c2 fresher, cheap
+    cands = [Candidate("old", 1.0, 1e15, 10), Candidate("mid", 50.0, 1e9, 10), Candidate("new", 99.0, 1e9, 10)]
+    for alpha in (0.0, 1.0, 10.0, 1000.0):
+        assert argmin_utility(cands, alpha, 100.0, "product") == "old"
+        s = utilities(cands, alpha, 100.0, "product")
+        assert s[0] == 0.0 and s[2] == pytest.approx(1.0)  # fresh, min efficiency: 1 × (1 + 0)
+    # the paper's sum keeps the efficient stale node once α outweighs the recency span
+    assert argmin_utility(cands, 0.0, 100.0, "sum") == "old"
+    assert argmin_utility(cands, 2.0, 100.0, "sum") == "mid"

@@ -50,6 +50,9 @@ class MarconiConfig:
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
     #: Largest α the tuner may try (None: unbounded; the grid's top doubles when it wins).
     alpha_max: Optional[float] = None
+    #: How efficiency enters the utility: "sum" (the paper: norm(recency) +
+    #: α·norm(efficiency)) or "product" (norm(recency)·(1 + α·norm(efficiency))).
+    utility_form: str = "sum"
     #: Re-tune every window (True) or once, as the paper did (False).
     retune: bool = True
     #: Score α on steady-state windows only: the first tuning waits for one
@@ -206,6 +209,10 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             out[key] = _number(key, value)
             if out[key] >= 1.0:
                 raise _err(key, value, "must be in [0, 1)")
+        elif key == "utility_form":
+            if value not in ("sum", "product"):
+                raise _err(key, value, "must be one of sum, product")
+            out[key] = value
         elif key == "replay_start":
             if value not in REPLAY_STARTS:
                 raise _err(key, value, f"must be one of {', '.join(REPLAY_STARTS)}")

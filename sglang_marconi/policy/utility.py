@@ -70,18 +70,28 @@ def _norm(x: float, lo: float, hi: float) -> float:
     return min(max((x - lo) / (hi - lo), 0.0), 1.0)
 
 
-def utility(r: float, e: float, alpha: float, b: Bounds) -> float:
-    return _norm(r, b.r_min, b.r_max) + alpha * _norm(e, b.e_min, b.e_max)
+UTILITY_FORMS = ("sum", "product")
 
 
-def utilities(cands: list[Candidate], alpha: float, now: float) -> list[float]:
+def utility(r: float, e: float, alpha: float, b: Bounds, form: str = "sum") -> float:
+    """``"sum"``: the paper's norm(r) + α·norm(e). ``"product"``: norm(r)·(1 + α·norm(e)),
+    efficiency as a bounded bonus on recency: the stalest candidate scores 0 whatever
+    its efficiency, so no α keeps a node forever."""
+    rn = _norm(r, b.r_min, b.r_max)
+    en = _norm(e, b.e_min, b.e_max)
+    if form == "product":
+        return rn * (1.0 + alpha * en)
+    return rn + alpha * en
+
+
+def utilities(cands: list[Candidate], alpha: float, now: float, form: str = "sum") -> list[float]:
     """Exact utilities of a candidate set (min–max over exactly these candidates)."""
     if not cands:
         return []
     rs = [recency(c.last_access, now) for c in cands]
     es = [c.efficiency for c in cands]
     b = Bounds.of(rs, es)
-    return [utility(r, e, alpha, b) for r, e in zip(rs, es)]
+    return [utility(r, e, alpha, b, form) for r, e in zip(rs, es)]
 
 
 class EvictionQueue:
@@ -91,16 +101,17 @@ class EvictionQueue:
     deterministic for equal scores.
     """
 
-    def __init__(self, cands: list[Candidate], alpha: float, now: float):
+    def __init__(self, cands: list[Candidate], alpha: float, now: float, form: str = "sum"):
         self.alpha = alpha
         self.now = now
+        self.form = form
         self._seq = itertools.count()
         if cands:
             rs = [recency(c.last_access, now) for c in cands]
             es = [c.efficiency for c in cands]
             self.bounds: Optional[Bounds] = Bounds.of(rs, es)
             self._heap = [
-                (utility(r, e, alpha, self.bounds), c.last_access, next(self._seq), c)
+                (utility(r, e, alpha, self.bounds, form), c.last_access, next(self._seq), c)
                 for r, e, c in zip(rs, es, cands)
             ]
             heapq.heapify(self._heap)
@@ -115,7 +126,7 @@ class EvictionQueue:
         r, e = recency(c.last_access, self.now), c.efficiency
         if self.bounds is None:
             return 1.0 + self.alpha
-        return utility(r, e, self.alpha, self.bounds)
+        return utility(r, e, self.alpha, self.bounds, self.form)
 
     def push(self, c: Candidate) -> None:
         heapq.heappush(self._heap, (self.score(c), c.last_access, next(self._seq), c))
@@ -129,10 +140,10 @@ class EvictionQueue:
         return self._heap[0][0] if self._heap else None
 
 
-def argmin_utility(cands: list[Candidate], alpha: float, now: float) -> Optional[Any]:
+def argmin_utility(cands: list[Candidate], alpha: float, now: float, form: str = "sum") -> Optional[Any]:
     """Key of the candidate the paper's rule evicts next (exact, O(N))."""
     if not cands:
         return None
-    scores = utilities(cands, alpha, now)
+    scores = utilities(cands, alpha, now, form)
     best = min(range(len(cands)), key=lambda i: (scores[i], cands[i].last_access, i))
     return cands[best].key
