@@ -625,3 +625,16 @@ def test_snapshot_replay_start_passes_the_tree_of_the_window_start(make_marconi)
     # every tuning after the first snapshot starts from a tree, with no warm-up requests
     assert all(w == 0 and snap is not None for w, _, snap in calls)
     assert replay_alphas is real
+
+
+def test_score_windows_replays_several_recent_windows_in_one_run():
+    fake = FakeReplay()
+    t = _default_tuner(fake, window_multiplier=1, warm_start=False, confirm=False, score_windows=2)
+    i = feed(t, 0, 2)
+    t.on_eviction()  # W = 2
+    for _ in range(3):
+        i = feed(t, i, 2)
+    # tunings at requests 3, 5, 7; the last scores the last 2 windows after 1 window of warm-up
+    assert fake.calls[-1]["window"] == [req(k) for k in range(3, 7)]
+    assert fake.calls[-1]["warmup"] == [req(k) for k in range(1, 3)]
+    assert len(fake.calls[0]["window"]) == 2  # not enough history yet: the last window only

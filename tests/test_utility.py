@@ -401,6 +401,8 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"state_candidates": "some"}, "state_candidates"),
         ({"replay_start": "live"}, "replay_start"),
         ({"utility_form": "max"}, "utility_form"),
+        ({"recency": "log"}, "recency"),
+        ({"score_windows": 0}, "score_windows"),
     ],
 )
 def test_parse_config_rejects_bad_key_or_value(raw, key):
@@ -446,3 +448,14 @@ def test_product_form_never_keeps_the_stalest_candidate():
     # the paper's sum keeps the efficient stale node once α outweighs the recency span
     assert argmin_utility(cands, 0.0, 100.0, "sum") == "old"
     assert argmin_utility(cands, 2.0, 100.0, "sum") == "mid"
+
+
+def test_linear_recency_spreads_candidates_by_age():
+    from sglang_marconi.policy.utility import Candidate, recency, utilities
+
+    assert recency(90.0, 100.0, "linear") == -10.0 and recency(90.0, 100.0) == pytest.approx(0.1)
+    cands = [Candidate(k, t, 1.0, 1) for k, t in (("a", 0.0), ("b", 50.0), ("c", 99.0))]
+    inv = utilities(cands, 0.0, 100.0)
+    lin = utilities(cands, 0.0, 100.0, rec="linear")
+    assert inv[1] < 0.02 and lin[1] == pytest.approx(50 / 99)  # 1/age crowds the old ones near 0
+    assert lin[0] == 0.0 and lin[2] == 1.0

@@ -53,6 +53,9 @@ class MarconiConfig:
     #: How efficiency enters the utility: "sum" (the paper: norm(recency) +
     #: α·norm(efficiency)) or "product" (norm(recency)·(1 + α·norm(efficiency))).
     utility_form: str = "sum"
+    #: Recency term: "inverse" (the paper: 1/age) or "linear" (−age; min–max then
+    #: spreads candidates evenly by age).
+    recency: str = "inverse"
     #: Re-tune every window (True) or once, as the paper did (False).
     retune: bool = True
     #: Score α on steady-state windows only: the first tuning waits for one
@@ -63,6 +66,9 @@ class MarconiConfig:
     switch_margin: float = 0.02
     #: A new α must win again on the next window before it is adopted (hold-out).
     confirm: bool = True
+    #: Windows each tuning replay scores in one continuous run (the most recent
+    #: ones; 1 = the last window, the paper's rule).
+    score_windows: int = 1
     #: What a tuning replay starts from: "warmup" (an empty cache fed the
     #: previous window(s), uncounted) or "snapshot" (a copy of the live tree as
     #: it was when the scored window began: shape, states and recency stamps).
@@ -175,7 +181,7 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             )
         if key == "alpha":
             out[key] = None if value == "auto" else _number(key, value)
-        elif key in ("window_multiplier", "tuner_max_requests", "warmup_windows"):
+        elif key in ("window_multiplier", "tuner_max_requests", "warmup_windows", "score_windows"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise _err(key, value, "must be an integer >= 1")
             out[key] = value
@@ -209,6 +215,10 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             out[key] = _number(key, value)
             if out[key] >= 1.0:
                 raise _err(key, value, "must be in [0, 1)")
+        elif key == "recency":
+            if value not in ("inverse", "linear"):
+                raise _err(key, value, "must be one of inverse, linear")
+            out[key] = value
         elif key == "utility_form":
             if value not in ("sum", "product"):
                 raise _err(key, value, "must be one of sum, product")

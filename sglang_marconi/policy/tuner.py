@@ -99,7 +99,7 @@ class AlphaTuner:
         self.requests_seen = 0
         self.n0: Optional[int] = None
         self.next_tune_at: Optional[int] = None
-        self._log: deque[RequestRecord] = deque(maxlen=(1 + config.warmup_windows) * config.tuner_max_requests)
+        self._log: deque[RequestRecord] = deque(maxlen=(1 + config.warmup_windows + config.score_windows) * config.tuner_max_requests)
         self._future: Optional[cf.Future] = None
         self._future_meta: Optional[tuple[int, int]] = None
         self._executor: Optional[cf.Executor] = None
@@ -151,10 +151,14 @@ class AlphaTuner:
             return
         w = min(self.window, self.config.tuner_max_requests)
         log = list(self._log)
+        # score_windows > 1: each α is replayed and scored over that many recent
+        # windows in one run, so effects that build up over windows count
+        w0 = w
+        w = min(w * self.config.score_windows, max(w, len(log) - w * self.config.warmup_windows), self.config.tuner_max_requests)
         window = log[-w:]
         warm = self.config.warm_start or len(self.events) > 0 or self.skipped_windows
         k = self.config.warmup_windows
-        warmup = log[-(k + 1) * w : -w] if warm else []
+        warmup = log[-(w + k * w0) : -w] if warm else []
         snapshot = None
         if self._snap is not None and self._snap[0] == self.requests_seen - len(window):
             snapshot, warmup = self._snap[1], []  # start from the live tree as the window began

@@ -46,8 +46,12 @@ class Candidate:
         return self.flops_saved / self.nbytes if self.nbytes > 0 else 0.0
 
 
-def recency(last_access: float, now: float) -> float:
-    """1 / (now − last_access); the clock runs ahead of every stamp by ≥ 1."""
+def recency(last_access: float, now: float, kind: str = "inverse") -> float:
+    """``"inverse"`` (the paper): 1 / (now − last_access), the clock runs ahead of
+    every stamp by ≥ 1. ``"linear"``: −(now − last_access), so min–max spreads
+    candidates evenly by age instead of crowding every old one near 0."""
+    if kind == "linear":
+        return -(now - last_access)
     return 1.0 / max(now - last_access, 1.0)
 
 
@@ -84,11 +88,11 @@ def utility(r: float, e: float, alpha: float, b: Bounds, form: str = "sum") -> f
     return rn + alpha * en
 
 
-def utilities(cands: list[Candidate], alpha: float, now: float, form: str = "sum") -> list[float]:
+def utilities(cands: list[Candidate], alpha: float, now: float, form: str = "sum", rec: str = "inverse") -> list[float]:
     """Exact utilities of a candidate set (min–max over exactly these candidates)."""
     if not cands:
         return []
-    rs = [recency(c.last_access, now) for c in cands]
+    rs = [recency(c.last_access, now, rec) for c in cands]
     es = [c.efficiency for c in cands]
     b = Bounds.of(rs, es)
     return [utility(r, e, alpha, b, form) for r, e in zip(rs, es)]
@@ -101,13 +105,14 @@ class EvictionQueue:
     deterministic for equal scores.
     """
 
-    def __init__(self, cands: list[Candidate], alpha: float, now: float, form: str = "sum"):
+    def __init__(self, cands: list[Candidate], alpha: float, now: float, form: str = "sum", rec: str = "inverse"):
         self.alpha = alpha
         self.now = now
         self.form = form
+        self.rec = rec
         self._seq = itertools.count()
         if cands:
-            rs = [recency(c.last_access, now) for c in cands]
+            rs = [recency(c.last_access, now, rec) for c in cands]
             es = [c.efficiency for c in cands]
             self.bounds: Optional[Bounds] = Bounds.of(rs, es)
             self._heap = [
@@ -123,7 +128,7 @@ class EvictionQueue:
         return len(self._heap)
 
     def score(self, c: Candidate) -> float:
-        r, e = recency(c.last_access, self.now), c.efficiency
+        r, e = recency(c.last_access, self.now, self.rec), c.efficiency
         if self.bounds is None:
             return 1.0 + self.alpha
         return utility(r, e, self.alpha, self.bounds, self.form)
@@ -140,10 +145,11 @@ class EvictionQueue:
         return self._heap[0][0] if self._heap else None
 
 
-def argmin_utility(cands: list[Candidate], alpha: float, now: float, form: str = "sum") -> Optional[Any]:
+def argmin_utility(cands: list[Candidate], alpha: float, now: float, form: str = "sum",
+                   rec: str = "inverse") -> Optional[Any]:
     """Key of the candidate the paper's rule evicts next (exact, O(N))."""
     if not cands:
         return None
-    scores = utilities(cands, alpha, now, form)
+    scores = utilities(cands, alpha, now, form, rec)
     best = min(range(len(cands)), key=lambda i: (scores[i], cands[i].last_access, i))
     return cands[best].key
