@@ -403,6 +403,7 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"utility_form": "max"}, "utility_form"),
         ({"recency": "log"}, "recency"),
         ({"score_windows": 0}, "score_windows"),
+        ({"efficiency_horizon": 0}, "efficiency_horizon"),
     ],
 )
 def test_parse_config_rejects_bad_key_or_value(raw, key):
@@ -459,3 +460,12 @@ def test_linear_recency_spreads_candidates_by_age():
     lin = utilities(cands, 0.0, 100.0, rec="linear")
     assert inv[1] < 0.02 and lin[1] == pytest.approx(50 / 99)  # 1/age crowds the old ones near 0
     assert lin[0] == 0.0 and lin[2] == 1.0
+
+
+def test_efficiency_horizon_decays_the_bonus_with_age():
+    from sglang_marconi.policy.utility import Candidate, EvictionQueue
+
+    cands = [Candidate("old-efficient", 0.0, 1e15, 10), Candidate("new-cheap", 95.0, 1e9, 10)]
+    assert EvictionQueue(list(cands), 4.0, 100.0).pop().key == "new-cheap"  # the paper: efficiency wins
+    assert EvictionQueue(list(cands), 4.0, 100.0, horizon=10.0).pop().key == "old-efficient"  # e^-10 of the bonus
+    assert EvictionQueue(list(cands), 4.0, 100.0, horizon=1e6).pop().key == "new-cheap"

@@ -56,6 +56,10 @@ class MarconiConfig:
     #: Recency term: "inverse" (the paper: 1/age) or "linear" (−age; min–max then
     #: spreads candidates evenly by age).
     recency: str = "inverse"
+    #: Efficiency bonus decays as exp(-age / (horizon x logical ticks per request)):
+    #: a node keeps its FLOP-efficiency advantage for about this many requests
+    #: after its last use, then ranks by recency alone. None: no decay (the paper).
+    efficiency_horizon: Optional[float] = None
     #: Re-tune every window (True) or once, as the paper did (False).
     retune: bool = True
     #: Score α on steady-state windows only: the first tuning waits for one
@@ -215,6 +219,8 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             out[key] = _number(key, value)
             if out[key] >= 1.0:
                 raise _err(key, value, "must be in [0, 1)")
+        elif key == "efficiency_horizon":
+            out[key] = None if value is None else _number(key, value, minimum=1e-9)
         elif key == "recency":
             if value not in ("inverse", "linear"):
                 raise _err(key, value, "must be one of inverse, linear")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterable, Optional
 
@@ -105,19 +106,20 @@ class EvictionQueue:
     deterministic for equal scores.
     """
 
-    def __init__(self, cands: list[Candidate], alpha: float, now: float, form: str = "sum", rec: str = "inverse"):
+    def __init__(self, cands: list[Candidate], alpha: float, now: float, form: str = "sum", rec: str = "inverse",
+                 horizon: Optional[float] = None):
         self.alpha = alpha
         self.now = now
         self.form = form
         self.rec = rec
+        self.horizon = horizon  # efficiency bonus decays as exp(-age / horizon) (None: no decay)
         self._seq = itertools.count()
         if cands:
             rs = [recency(c.last_access, now, rec) for c in cands]
             es = [c.efficiency for c in cands]
             self.bounds: Optional[Bounds] = Bounds.of(rs, es)
             self._heap = [
-                (utility(r, e, alpha, self.bounds, form), c.last_access, next(self._seq), c)
-                for r, e, c in zip(rs, es, cands)
+                (self._score(r, e, c), c.last_access, next(self._seq), c) for r, e, c in zip(rs, es, cands)
             ]
             heapq.heapify(self._heap)
         else:
@@ -127,11 +129,17 @@ class EvictionQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
+    def _score(self, r: float, e: float, c: Candidate) -> float:
+        alpha = self.alpha
+        if self.horizon and alpha:
+            alpha *= math.exp(-max(self.now - c.last_access, 0.0) / self.horizon)
+        return utility(r, e, alpha, self.bounds, self.form)
+
     def score(self, c: Candidate) -> float:
         r, e = recency(c.last_access, self.now, self.rec), c.efficiency
         if self.bounds is None:
             return 1.0 + self.alpha
-        return utility(r, e, self.alpha, self.bounds, self.form)
+        return self._score(r, e, c)
 
     def push(self, c: Candidate) -> None:
         heapq.heappush(self._heap, (self.score(c), c.last_access, next(self._seq), c))

@@ -138,7 +138,7 @@ class MarconiRadixCache(UnifiedRadixCache):
                 if node not in leaves and node.component_data[ComponentType.MAMBA].value is None:
                     continue
                 cands.append(st.candidate(node, frees_kv=node in leaves))
-            queue = EvictionQueue(cands, st.alpha, st.clock + 1.0, st.config.utility_form, st.config.recency)
+            queue = EvictionQueue(cands, st.alpha, st.clock + 1.0, st.config.utility_form, st.config.recency, st.efficiency_horizon_ticks())
             victim = queue.pop()
             if victim is None:
                 break

@@ -146,7 +146,7 @@ class MarconiMambaComponent(MambaComponent):
         # Node-id order: equal utilities break the same way in every process
         # (the leaf set iterates in memory order).
         cands = [st.candidate(n, frees_kv=n in leaves) for n in sorted(self._holders(), key=_node_id)]
-        self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0, st.config.utility_form, st.config.recency)
+        self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0, st.config.utility_form, st.config.recency, st.efficiency_horizon_ticks())
         self._evict_device_request_cnt = request_cnt
         self._last_leaf = None
 
@@ -208,7 +208,7 @@ class MarconiFullComponent(FullComponent):
         st.on_eviction_call()
         leaves = sorted(self.tree_core.evictable_device_leaves, key=_node_id)
         cands = [st.candidate(n, frees_kv=True, pool="kv") for n in leaves]
-        self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0, st.config.utility_form, st.config.recency)
+        self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0, st.config.utility_form, st.config.recency, st.efficiency_horizon_ticks())
         self._evict_device_request_cnt = request_cnt
         self._evict_device_last_node = None
 

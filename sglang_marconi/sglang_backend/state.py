@@ -85,6 +85,7 @@ class MarconiState:
         self.counters = MarconiCounters()
         self.log_evictions = False  # the demo and tests turn this on
         self.root = None  # set by the cache once its tree exists
+        self.requests_finished = 0
 
     # -- clock and α --------------------------------------------------------
     def tick(self) -> float:
@@ -192,6 +193,15 @@ class MarconiState:
         if self.log_evictions and len(c.eviction_log) < EVICTION_LOG_MAX:
             c.eviction_log.append((pool, self.node_end(node), tokens, score))
 
+    def efficiency_horizon_ticks(self) -> Optional[float]:
+        """``efficiency_horizon`` (requests) in logical clock ticks, from the ticks
+        per finished request so far."""
+        h = self.config.efficiency_horizon
+        if h is None:
+            return None
+        return h * max(self.clock, 1.0) / max(self.requests_finished, 1)
+
     def on_request_finished(self, input_ids, output_ids) -> None:
+        self.requests_finished += 1
         if self.tuner is not None:
             self.tuner.on_request_finished(input_ids, output_ids)
