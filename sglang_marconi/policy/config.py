@@ -28,12 +28,31 @@ VARIANTS = ("marconi", "paper")
 #: first window after the first eviction, scored from a cold start, no memory
 #: or hysteresis, grid 0..2 step 0.1) unless the keys are given explicitly.
 PAPER_TUNER_DEFAULTS = {"retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
-                        "alpha_grid": tuple(round(0.1 * i, 1) for i in range(21))}
+                        "alpha_grid": PAPER_ALPHA_GRID}
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
 REFRESH_MODES = ("deepest", "path")
 STATE_CANDIDATES = ("narrow", "all")
 REPLAY_STARTS = ("warmup", "snapshot")
+RECENCY_KINDS = ("inverse", "linear")
+UTILITY_FORMS = ("sum", "product")
+
+#: Keys whose value is one of a fixed set of strings.
+_CHOICES = {
+    "branch_points": BRANCH_POINT_MODES,
+    "variant": VARIANTS,
+    "refresh": REFRESH_MODES,
+    "kv_refresh": REFRESH_MODES,
+    "state_candidates": STATE_CANDIDATES,
+    "replay_start": REPLAY_STARTS,
+    "recency": RECENCY_KINDS,
+    "utility_form": UTILITY_FORMS,
+    "tuner": TUNER_MODES,
+}
+_BOOLS = ("retune", "input_state", "warm_start", "confirm")
+_POSITIVE_INTS = ("window_multiplier", "tuner_max_requests", "warmup_windows", "score_windows")
+#: Keys that take null or a number (with its minimum).
+_OPTIONAL_NUMBERS = {"alpha_max": 0.0, "efficiency_horizon": 1e-9, "single_budget_gb": 1e-9}
 
 
 class MarconiConfigError(ValueError):
@@ -185,64 +204,32 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             )
         if key == "alpha":
             out[key] = None if value == "auto" else _number(key, value)
-        elif key in ("window_multiplier", "tuner_max_requests", "warmup_windows", "score_windows"):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _err(key, value, "must be an integer >= 1")
+        elif key in _CHOICES:
+            if value not in _CHOICES[key]:
+                raise _err(key, value, f"must be one of {', '.join(_CHOICES[key])}")
             out[key] = value
-        elif key == "alpha_grid":
-            out[key] = _parse_grid(value)
-        elif key in ("retune", "input_state", "warm_start", "confirm"):
+        elif key in _BOOLS:
             if not isinstance(value, bool):
                 raise _err(key, value, "must be true or false")
             out[key] = value
+        elif key in _POSITIVE_INTS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _err(key, value, "must be an integer >= 1")
+            out[key] = value
+        elif key in _OPTIONAL_NUMBERS:
+            out[key] = None if value is None else _number(key, value, minimum=_OPTIONAL_NUMBERS[key])
+        elif key == "alpha_grid":
+            out[key] = _parse_grid(value)
         elif key == "profile":
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise _err(key, value, "must be a built-in profile name or a path to config.json")
             out[key] = value
-        elif key == "branch_points":
-            if value not in BRANCH_POINT_MODES:
-                raise _err(key, value, f"must be one of {', '.join(BRANCH_POINT_MODES)}")
-            out[key] = value
-        elif key == "variant":
-            if value not in VARIANTS:
-                raise _err(key, value, f"must be one of {', '.join(VARIANTS)}")
-            out[key] = value
-        elif key == "refresh" or key == "kv_refresh":
-            if value not in REFRESH_MODES:
-                raise _err(key, value, f"must be one of {', '.join(REFRESH_MODES)}")
-            out[key] = value
-        elif key == "alpha_max":
-            out[key] = None if value is None else _number(key, value)
         elif key == "switch_margin":
             out[key] = _number(key, value)
         elif key == "score_decay":
             out[key] = _number(key, value)
             if out[key] >= 1.0:
                 raise _err(key, value, "must be in [0, 1)")
-        elif key == "efficiency_horizon":
-            out[key] = None if value is None else _number(key, value, minimum=1e-9)
-        elif key == "recency":
-            if value not in ("inverse", "linear"):
-                raise _err(key, value, "must be one of inverse, linear")
-            out[key] = value
-        elif key == "utility_form":
-            if value not in ("sum", "product"):
-                raise _err(key, value, "must be one of sum, product")
-            out[key] = value
-        elif key == "replay_start":
-            if value not in REPLAY_STARTS:
-                raise _err(key, value, f"must be one of {', '.join(REPLAY_STARTS)}")
-            out[key] = value
-        elif key == "state_candidates":
-            if value not in STATE_CANDIDATES:
-                raise _err(key, value, f"must be one of {', '.join(STATE_CANDIDATES)}")
-            out[key] = value
-        elif key == "single_budget_gb":
-            out[key] = None if value is None else _number(key, value, minimum=1e-9)
-        elif key == "tuner":
-            if value not in TUNER_MODES:
-                raise _err(key, value, f"must be one of {', '.join(TUNER_MODES)}")
-            out[key] = value
     if out.get("variant") == "paper":  # the paper's tuner too, unless a key says otherwise
         for key, value in PAPER_TUNER_DEFAULTS.items():
             out.setdefault(key, value)

@@ -75,9 +75,6 @@ def _norm(x: float, lo: float, hi: float) -> float:
     return min(max((x - lo) / (hi - lo), 0.0), 1.0)
 
 
-UTILITY_FORMS = ("sum", "product")
-
-
 def utility(r: float, e: float, alpha: float, b: Bounds, form: str = "sum") -> float:
     """``"sum"``: the paper's norm(r) + α·norm(e). ``"product"``: norm(r)·(1 + α·norm(e)),
     efficiency as a bounded bonus on recency: the stalest candidate scores 0 whatever
@@ -90,13 +87,10 @@ def utility(r: float, e: float, alpha: float, b: Bounds, form: str = "sum") -> f
 
 
 def utilities(cands: list[Candidate], alpha: float, now: float, form: str = "sum", rec: str = "inverse") -> list[float]:
-    """Exact utilities of a candidate set (min–max over exactly these candidates)."""
-    if not cands:
-        return []
-    rs = [recency(c.last_access, now, rec) for c in cands]
-    es = [c.efficiency for c in cands]
-    b = Bounds.of(rs, es)
-    return [utility(r, e, alpha, b, form) for r, e in zip(rs, es)]
+    """Exact utilities of a candidate set (min–max over exactly these candidates):
+    the scores an :class:`EvictionQueue` over the same set orders by."""
+    queue = EvictionQueue(cands, alpha, now, form, rec)
+    return [queue.score(c) for c in cands]
 
 
 class EvictionQueue:
