@@ -277,6 +277,8 @@ def test_variant_errors_are_one_line(tmp_path, capsys):
         (["--policies", "marconi:y"], "unknown policy 'marconi:y'"),
         (["--skip-sessions", "-1"], "--skip-sessions must be an integer >= 0"),
         (["--system-prompt", "@/no/such/file"], "--system-prompt @/no/such/file: cannot read"),
+        (["--marconi-config", '{"alhpa": 1}'], "--marconi-config: unknown key 'alhpa'"),
+        (["--marconi-config", "{bad"], "--marconi-config: not JSON"),
     ):
         assert main(["--trace", path, "--no-progress", *args]) == 2, args
         err = capsys.readouterr().err

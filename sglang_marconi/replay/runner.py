@@ -20,7 +20,9 @@ import time
 from typing import Callable, Optional, Sequence
 
 from .loaders import LoadOptions, Trace, TraceError, load_trace
-from .policies import POLICIES, Budget, PolicyError, PolicyOptions, TraceShape, build_policy, close
+from .policies import (
+    MARCONI_DEFAULT_CONFIG, POLICIES, Budget, PolicyError, PolicyOptions, TraceShape, build_policy, close,
+)
 
 DEFAULT_POLICIES = ("marconi", "sglang", "lru", "vllm", "infinite")
 DEFAULT_FRAC = 0.1
@@ -362,10 +364,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _variants(specs: Sequence[str]) -> tuple:
-    """``--variant NAME=JSON`` → ((name, config dict), ...), validated."""
+def _config_overrides(flag: str, raw: str) -> dict:
+    """A JSON object of Marconi config overrides from ``flag``, validated (one-line errors)."""
     from ..policy.config import MarconiConfigError, parse_config
 
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ReplayError(f"{flag}: not JSON ({e.msg}): {raw!r}") from None
+    if not isinstance(cfg, dict):
+        raise ReplayError(f"{flag}: must be a JSON object, got {raw!r}")
+    try:
+        parse_config({**MARCONI_DEFAULT_CONFIG, **cfg})
+    except MarconiConfigError as e:
+        raise ReplayError(f"{flag}: {str(e).removeprefix('marconi config: ')}") from None
+    return cfg
+
+
+def _variants(specs: Sequence[str]) -> tuple:
+    """``--variant NAME=JSON`` → ((name, config dict), ...), validated."""
     out: dict = {}
     for spec in specs:
         name, sep, raw = spec.partition("=")
@@ -374,17 +391,7 @@ def _variants(specs: Sequence[str]) -> tuple:
             raise ReplayError(f"--variant {spec!r}: expected NAME=JSON with a name of letters, digits, '-', '_', '.'")
         if name in out:
             raise ReplayError(f"--variant {name!r} is given twice")
-        try:
-            cfg = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ReplayError(f"--variant {name}: not JSON ({e.msg}): {raw!r}") from None
-        if not isinstance(cfg, dict):
-            raise ReplayError(f"--variant {name}: must be a JSON object, got {raw!r}")
-        try:
-            parse_config({"alpha": "auto", "tuner": "inline", **cfg})
-        except MarconiConfigError as e:
-            raise ReplayError(f"--variant {name}: {str(e).removeprefix('marconi config: ')}") from None
-        out[name] = cfg
+        out[name] = _config_overrides(f"--variant {name}", raw)
     return tuple(out.items())
 
 
@@ -399,7 +406,7 @@ def _policies(spec: str, variants: tuple = ()) -> list[str]:
                               + (f", {', '.join(sorted(names))}" if names else "") + ")")
         if p not in out:
             out.append(p)
-    for n in sorted(names, key=lambda x: [v for v, _ in variants].index(x.partition(":")[2])):
+    for n in (f"marconi:{v}" for v, _ in variants):  # variants not listed run too, in --variant order
         if n not in out:
             out.append(n)
     if not out:
@@ -409,7 +416,7 @@ def _policies(spec: str, variants: tuple = ()) -> list[str]:
 
 def run(args, *, console=None) -> dict:
     """Everything the CLI does except printing; returns the JSON document."""
-    from ..policy.config import MarconiConfigError, parse_config
+    from ..policy.config import MarconiConfigError
     from ..sglang_backend.factory import resolve_profile
     from . import report
 
@@ -419,15 +426,7 @@ def run(args, *, console=None) -> dict:
         raise ReplayError(f"--block must be >= 1, got {args.block}")
     if not (args.frac > 0):
         raise ReplayError(f"--frac must be > 0, got {args.frac}")
-    marconi_cfg = None
-    if args.marconi_config:
-        try:
-            marconi_cfg = json.loads(args.marconi_config)
-        except json.JSONDecodeError as e:
-            raise ReplayError(f"--marconi-config is not JSON ({e.msg})") from None
-        if not isinstance(marconi_cfg, dict):
-            raise ReplayError("--marconi-config must be a JSON object")
-        parse_config({"alpha": "auto", "tuner": "inline", **marconi_cfg})  # validate early
+    marconi_cfg = _config_overrides("--marconi-config", args.marconi_config) if args.marconi_config else None
     try:
         profile = resolve_profile(args.model)
     except MarconiConfigError as e:
