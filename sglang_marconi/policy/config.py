@@ -35,7 +35,8 @@ REFRESH_MODES = ("deepest", "path")
 STATE_CANDIDATES = ("narrow", "all")
 REPLAY_STARTS = ("warmup", "snapshot")
 RECENCY_KINDS = ("inverse", "linear")
-UTILITY_FORMS = ("sum", "product")
+UTILITY_FORMS = ("sum", "product", "density")
+DENSITY_VALUES = ("flops", "tokens")
 
 #: Keys whose value is one of a fixed set of strings.
 _CHOICES = {
@@ -47,10 +48,11 @@ _CHOICES = {
     "replay_start": REPLAY_STARTS,
     "recency": RECENCY_KINDS,
     "utility_form": UTILITY_FORMS,
+    "density_value": DENSITY_VALUES,
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "input_state", "warm_start", "confirm")
-_POSITIVE_INTS = ("window_multiplier", "tuner_max_requests", "warmup_windows", "score_windows")
+_POSITIVE_INTS = ("window_multiplier", "tuner_max_requests", "warmup_windows", "score_windows", "density_period")
 #: Keys that take null or a number (with its minimum).
 _OPTIONAL_NUMBERS = {"alpha_max": 0.0, "efficiency_horizon": 1e-9, "single_budget_gb": 1e-9}
 
@@ -69,9 +71,17 @@ class MarconiConfig:
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
     #: Largest α the tuner may try (None: unbounded; the grid's top doubles when it wins).
     alpha_max: Optional[float] = None
-    #: How efficiency enters the utility: "sum" (the paper: norm(recency) +
-    #: α·norm(efficiency)) or "product" (norm(recency)·(1 + α·norm(efficiency))).
+    #: How nodes are ranked for eviction: "sum" (the paper: norm(recency) +
+    #: α·norm(efficiency)), "product" (norm(recency)·(1 + α·norm(efficiency))),
+    #: or "density" (hit density learned from the cache's own hits and
+    #: evictions × value per byte; no α, no tuner: ``policy/hit_density.py``).
     utility_form: str = "sum"
+    #: ``density``: what a hit is worth, "flops" (prefill FLOPs saved) or "tokens".
+    density_value: str = "flops"
+    #: ``density``: the tables are rebuilt every this many hits + evictions ...
+    density_period: int = 32
+    #: ... and the counts then decay by this factor (1 = never forget).
+    density_decay: float = 0.98
     #: Recency term: "inverse" (the paper: 1/age) or "linear" (−age; min–max then
     #: spreads candidates evenly by age).
     recency: str = "inverse"
@@ -226,6 +236,10 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             out[key] = value
         elif key == "switch_margin":
             out[key] = _number(key, value)
+        elif key == "density_decay":
+            out[key] = _number(key, value)
+            if not 0.0 < out[key] <= 1.0:
+                raise _err(key, value, "must be in (0, 1]")
         elif key == "score_decay":
             out[key] = _number(key, value)
             if out[key] >= 1.0:

@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterable, Optional
 
+from .hit_density import HitDensity
+
 
 @dataclass
 class Candidate:
@@ -41,6 +43,10 @@ class Candidate:
     last_access: float
     flops_saved: float
     nbytes: int
+    #: Hit-density class (``hit_density.state_class``) and the tokens a hit
+    #: saves; only ``utility_form="density"`` reads them.
+    cls: int = 0
+    tokens_saved: int = 0
 
     @property
     def efficiency(self) -> float:
@@ -101,7 +107,11 @@ class EvictionQueue:
     """
 
     def __init__(self, cands: list[Candidate], alpha: float, now: float, form: str = "sum", rec: str = "inverse",
-                 horizon: Optional[float] = None):
+                 horizon: Optional[float] = None, density: Optional[HitDensity] = None, value: str = "flops"):
+        if form == "density" and density is None:
+            raise ValueError("EvictionQueue: utility_form 'density' needs a HitDensity")
+        self.density = density
+        self.value = value
         self.alpha = alpha
         self.now = now
         self.form = form
@@ -123,7 +133,16 @@ class EvictionQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
+    def _density_score(self, c: Candidate) -> float:
+        """Expected value per byte per unit of cache-time (``hit_density``)."""
+        if c.nbytes <= 0:
+            return 0.0
+        value = c.tokens_saved if self.value == "tokens" else c.flops_saved
+        return self.density.density(c.cls, self.now - c.last_access) * value / c.nbytes
+
     def _score(self, r: float, e: float, c: Candidate) -> float:
+        if self.form == "density":
+            return self._density_score(c)
         alpha = self.alpha
         if self.horizon and alpha:
             alpha *= math.exp(-max(self.now - c.last_access, 0.0) / self.horizon)
@@ -131,6 +150,8 @@ class EvictionQueue:
 
     def score(self, c: Candidate) -> float:
         r, e = recency(c.last_access, self.now, self.rec), c.efficiency
+        if self.form == "density":
+            return self._density_score(c)
         if self.bounds is None:
             return 1.0 + self.alpha
         return self._score(r, e, c)

@@ -17,7 +17,6 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from ..policy.admission import AdmissionReason
 from ..policy.config import MarconiConfig
 from ..policy.tuner import AlphaTuner
-from ..policy.utility import EvictionQueue
 from .components import MarconiFullComponent, MarconiMambaComponent
 from .state import MarconiState
 
@@ -53,7 +52,7 @@ class MarconiRadixCache(UnifiedRadixCache):
             tree_core_backend="python",
         )
         tuner = None
-        if config.auto_alpha:
+        if config.auto_alpha and config.utility_form != "density":
             from .tuning import replay_alphas
 
             tuner = AlphaTuner(config, replay_alphas, tuner_spec)
@@ -138,11 +137,13 @@ class MarconiRadixCache(UnifiedRadixCache):
                 if node not in leaves and node.component_data[ComponentType.MAMBA].value is None:
                     continue
                 cands.append(st.candidate(node, frees_kv=node in leaves))
-            queue = EvictionQueue(cands, st.alpha, st.clock + 1.0, st.config.utility_form, st.config.recency, st.efficiency_horizon_ticks())
+            queue = st.eviction_queue(cands)
             victim = queue.pop()
             if victim is None:
                 break
             node = victim.key
+            if node.component_data[ComponentType.MAMBA].value is not None:
+                st.state_evicted(node)
             if node in leaves:
                 kv = len(node.key)
                 # Delete exactly this leaf through SGLang's own leaf eviction.
@@ -152,7 +153,6 @@ class MarconiRadixCache(UnifiedRadixCache):
             else:
                 self._tombstone_state(node)
                 st.record_eviction("single", node, 0, None)
-            st.counters.state_evictions += 1
             n += 1
         return n
 

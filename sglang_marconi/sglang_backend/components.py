@@ -33,7 +33,6 @@ from sglang.srt.mem_cache.unified_cache.components.full import FullComponent
 from sglang.srt.mem_cache.unified_cache.components.mamba import MambaComponent
 
 from ..policy.admission import AdmissionReason, branch_point
-from ..policy.utility import EvictionQueue
 
 
 def _node_id(node) -> int:
@@ -146,7 +145,7 @@ class MarconiMambaComponent(MambaComponent):
         # Node-id order: equal utilities break the same way in every process
         # (the leaf set iterates in memory order).
         cands = [st.candidate(n, frees_kv=n in leaves) for n in sorted(self._holders(), key=_node_id)]
-        self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0, st.config.utility_form, st.config.recency, st.efficiency_horizon_ticks())
+        self._queue = st.eviction_queue(cands)
         self._evict_device_request_cnt = request_cnt
         self._last_leaf = None
 
@@ -171,7 +170,7 @@ class MarconiMambaComponent(MambaComponent):
             cd = x.component_data[ct]
             if cd.value is None or cd.lock_ref > 0 or x.parent is None:
                 continue  # stale: cascaded away, or locked since the snapshot
-            st.counters.state_evictions += 1
+            st.state_evicted(x)
             if x in leaves:
                 st.counters.leaf_evictions += 1
                 st.record_eviction("mamba", x, len(x.key), score)
@@ -208,7 +207,7 @@ class MarconiFullComponent(FullComponent):
         st.on_eviction_call()
         leaves = sorted(self.tree_core.evictable_device_leaves, key=_node_id)
         cands = [st.candidate(n, frees_kv=True, pool="kv") for n in leaves]
-        self._queue = EvictionQueue(cands, st.alpha, st.clock + 1.0, st.config.utility_form, st.config.recency, st.efficiency_horizon_ticks())
+        self._queue = st.eviction_queue(cands)
         self._evict_device_request_cnt = request_cnt
         self._evict_device_last_node = None
 
@@ -230,7 +229,7 @@ class MarconiFullComponent(FullComponent):
                 continue
             st.counters.leaf_evictions += 1
             if x.component_data[ComponentType.MAMBA].value is not None:
-                st.counters.state_evictions += 1
+                st.state_evicted(x)
             st.record_eviction("kv", x, len(x.key), score)
             self._evict_device_last_node = x
             return x.id

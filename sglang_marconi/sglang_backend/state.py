@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..policy.admission import AdmissionReason
 from ..policy.config import MarconiConfig
+from ..policy.hit_density import HitDensity, state_class
 from ..policy.tuner import AlphaTuner
-from ..policy.utility import Candidate
+from ..policy.utility import Candidate, EvictionQueue
 
 if TYPE_CHECKING:
     from ..policy.cost_model import CostProfile
@@ -86,6 +87,9 @@ class MarconiState:
         self.log_evictions = False  # the demo and tests turn this on
         self.root = None  # set by the cache once its tree exists
         self.requests_finished = 0
+        self.hit_density: Optional[HitDensity] = None
+        if config.utility_form == "density":
+            self.hit_density = HitDensity(config.density_period, config.density_decay)
 
     # -- clock and α --------------------------------------------------------
     def tick(self) -> float:
@@ -106,6 +110,8 @@ class MarconiState:
     def stamp_hit(self, node, root) -> None:
         """A hit on ``node`` (the deepest matched state), per the refresh knobs."""
         t = self.clock
+        if self.hit_density is not None:
+            self.hit_density.record(self.state_class(node), t - getattr(node, "marconi_t", 0.0), hit=True)
         node.marconi_t = node.marconi_kv_t = t
         state_path = self.config.refresh == "path"
         kv_path = self.config.kv_refresh == "path"
@@ -149,6 +155,15 @@ class MarconiState:
         return 0
 
     # -- scoring ------------------------------------------------------------
+    def state_class(self, node) -> int:
+        return state_class(self.node_end(node), bool(node.children))
+
+    def eviction_queue(self, cands: list) -> EvictionQueue:
+        """The queue one eviction call pops from, under the configured utility."""
+        c = self.config
+        return EvictionQueue(cands, self.alpha, self.clock + 1.0, c.utility_form, c.recency,
+                             self.efficiency_horizon_ticks(), self.hit_density, c.density_value)
+
     def candidate(self, node, *, frees_kv: bool, pool: str = "state") -> Candidate:
         """The policy's view of evicting ``node``.
 
@@ -179,13 +194,23 @@ class MarconiState:
             flops = p.flops_saved(start, end, replay_from=replay_from) if has_state else 0.0
             node.marconi_memo = (memo_key, flops, nbytes)
         stamp = "marconi_kv_t" if pool == "kv" else "marconi_t"
-        return Candidate(key=node, last_access=getattr(node, stamp, 0.0), flops_saved=flops, nbytes=nbytes)
+        cand = Candidate(key=node, last_access=getattr(node, stamp, 0.0), flops_saved=flops, nbytes=nbytes)
+        if self.hit_density is not None:
+            cand.cls = self.state_class(node)
+            cand.tokens_saved = end - replay_from if has_state else 0
+        return cand
 
     # -- events -------------------------------------------------------------
     def on_eviction_call(self) -> None:
         self.tick()
         if self.tuner is not None:
             self.tuner.on_eviction()
+
+    def state_evicted(self, node) -> None:
+        """``node``'s SSM state is about to be freed (tombstoned or with its leaf)."""
+        self.counters.state_evictions += 1
+        if self.hit_density is not None:
+            self.hit_density.record(self.state_class(node), self.clock - getattr(node, "marconi_t", 0.0), hit=False)
 
     def record_eviction(self, pool: str, node, tokens: int, score: Optional[float]) -> None:
         c = self.counters
