@@ -210,7 +210,8 @@ class MarconiState:
         """``node``'s SSM state is about to be freed (tombstoned or with its leaf)."""
         self.counters.state_evictions += 1
         if self.hit_density is not None:
-            self.hit_density.record(self.state_class(node), self.clock - getattr(node, "marconi_t", 0.0), hit=False)
+            # the age the eviction queue scored it at (it scores at clock + 1)
+            self.hit_density.record(self.state_class(node), self.clock + 1.0 - getattr(node, "marconi_t", 0.0), hit=False)
 
     def record_eviction(self, pool: str, node, tokens: int, score: Optional[float]) -> None:
         c = self.counters
