@@ -20,13 +20,12 @@ def validate_server_args(server_args) -> None:
     if getattr(server_args, "radix_cache_backend", None) != BACKEND_NAME:
         return
     from .policy.config import MarconiConfigError, parse_config
-    from .sglang_backend.factory import check_live_config, resolve_profile
+    from .sglang_backend.factory import resolve_profile
 
     try:
         config = parse_config(getattr(server_args, "radix_eviction_policy_config", None))
         if config.profile:
             resolve_profile(config.profile)
-        check_live_config(config)
         policy = getattr(server_args, "radix_eviction_policy", "lru")
         if policy != "lru":
             raise MarconiConfigError(

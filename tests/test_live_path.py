@@ -37,6 +37,15 @@ def _req(built, rid, tokens):
     return req
 
 
+def _decode(built, req, out):
+    """The request decoded ``out`` (KV for all but the last sampled token)."""
+    n = len(req.origin_input_ids)
+    kv = built.kv_allocator.alloc(len(out) - 1)
+    built.req_to_token_pool.write((req.kv.req_pool_idx, slice(n, n + len(out) - 1)), kv)
+    req.output_ids = array("q", out)
+    req.kv.kv_committed_len = req.kv.kv_allocated_len = n + len(out) - 1
+
+
 def _fill_state(built, slot, seed):
     state = built.req_to_token_pool.mamba_pool.mamba_cache
     g = torch.Generator().manual_seed(seed)
@@ -112,3 +121,60 @@ def test_finished_request_feeds_the_tuner(make_marconi):
     finish_req(built.cache, req, 30)
     assert tuner.requests_seen == 1
     assert tuner._log[-1][0] == tuple(range(30))
+
+
+@pytest.mark.parametrize("input_state", [True, False])
+def test_input_end_checkpoint_on_the_scheduler_path(make_marconi, input_state):
+    """``input_state``: with no branch point, the checkpoint SGLang takes when the
+    prefill ends (up_to = the input's length) admits the state there, once; the
+    finished request still donates its last-token state (2 states). Without the
+    option that checkpoint publishes KV only."""
+    from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
+    from sglang.test.mem_cache_utils import finish_req
+
+    from sglang_marconi.policy import AdmissionReason
+
+    built, _ = make_marconi(kv_slots=512, mamba_slots=8, input_state=input_state)
+    cache = built.cache
+    tokens = list(range(300, 340))
+    req = _req(built, "r1", tokens)
+    live = int(req.kv.mamba_pool_idx)
+    _fill_state(built, live, seed=2)
+    expected = _state_of(built, live)
+    req.mamba_branching_seqlen = None
+    cache.checkpoint(req, up_to=25)  # a middle chunk: never a state
+    assert cache.mamba_evictable_size() + cache.mamba_protected_size() == 0
+    cache.checkpoint(req, up_to=len(tokens))  # the prefill's end
+    cache.checkpoint(req, up_to=len(tokens))  # again (a retry): no second state
+    states = cache.mamba_evictable_size() + cache.mamba_protected_size()
+    assert states == (1 if input_state else 0)
+    m = _match(built, tokens + [7])
+    assert m.device_prefix_len == (len(tokens) if input_state else 0)
+    if input_state:
+        node = cache.tree_core.node_by_id(m.best_match_node)
+        slot = int(node.component_data[ComponentType.MAMBA].value[0])
+        assert slot != live
+        for got, want in zip(_state_of(built, slot), expected):
+            assert torch.equal(got, want)
+    _decode(built, req, [901, 902, 903, 904])
+    finish_req(cache, req, len(tokens) + 3)  # input + output - 1
+    counters = cache.marconi.counters
+    assert counters.admitted[AdmissionReason.INPUT_END] == (1 if input_state else 0)
+    assert counters.admitted[AdmissionReason.LAST_TOKEN] == 1
+    assert cache.mamba_evictable_size() + cache.mamba_protected_size() == (2 if input_state else 1)
+
+
+def test_no_input_end_checkpoint_when_a_branch_point_is_planned(make_marconi):
+    from sglang.test.mem_cache_utils import finish_req
+
+    built, _ = make_marconi(kv_slots=512, mamba_slots=8, input_state=True)
+    cache = built.cache
+    tokens = list(range(500, 530))
+    req = _req(built, "r2", tokens)
+    req.mamba_branching_seqlen = 12
+    cache.checkpoint(req, up_to=12)  # the branch point
+    cache.checkpoint(req, up_to=len(tokens))  # the prefill's end: not a third state
+    _decode(built, req, [901, 902])
+    finish_req(cache, req, len(tokens) + 1)
+    c = cache.marconi.counters.as_dict()
+    assert (c["admitted_branch_point"], c["admitted_input_end"], c["admitted_last_token"]) == (1, 0, 1)

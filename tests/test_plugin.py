@@ -140,7 +140,8 @@ def test_profile_defaults_to_served_model_config(server_args_marconi):
         ({"profile": "no-such-model"}, "profile='no-such-model'"),
         ({"branch_points": "nearby"}, "branch_points='nearby'"),
         ("{not json", "not valid JSON"),
-        ({"input_state": True}, "input_state=true is a replay-only"),
+        ({"input_state": "yes"}, "input_state='yes'"),
+        ({"utility_form": "lhd"}, "utility_form='lhd'"),
         ({"score_decay": 1.5}, "score_decay=1.5"),
     ],
 )

@@ -283,3 +283,25 @@ def test_variant_errors_are_one_line(tmp_path, capsys):
         assert main(["--trace", path, "--no-progress", *args]) == 2, args
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, (args, err)
+
+
+def test_session_bounds_hand_computed():
+    """Room for one context of two alternating sessions: LRU always evicts the one
+    about to return; Belady does not cache a context that is never reused; the
+    end-oracle evicts an ended session before a live one."""
+    from sglang_marconi.replay.bounds import session_hit_rate
+    from sglang_marconi.replay.loaders import Request
+
+    def req(sid, prompt):  # one-token completions: the committed context is the prompt
+        return Request(sid, 0.0, 0, tuple(range(prompt + 1)), prompt, 1)
+
+    reqs = [req("a", 10), req("b", 10), req("a", 11), req("b", 11)]
+    assert session_hit_rate(reqs, 12, "lru") == 0.0
+    assert session_hit_rate(reqs, 12, "end-oracle") == 0.0  # both sessions live until their last turn
+    assert session_hit_rate(reqs, 12, "belady") == pytest.approx(10 / 42)  # a1 is a's last: not cached
+    assert session_hit_rate(reqs, 100, "lru") == pytest.approx(20 / 42)
+    reqs2 = [req("a", 10), req("c", 5), req("d", 5), req("a", 12)]  # c and d are one-shot
+    assert session_hit_rate(reqs2, 15, "lru") == 0.0  # d evicts a, the least recent
+    assert session_hit_rate(reqs2, 15, "end-oracle") == pytest.approx(10 / 32)  # d evicts c (ended)
+    with pytest.raises(ValueError, match="unknown bound policy"):
+        session_hit_rate(reqs, 10, "fifo")

@@ -96,6 +96,15 @@ class Admission:
         raise NotImplementedError
 
 
+def admits_input_end(input_len: int, committed: int, hit: int, branch_planned: bool) -> bool:
+    """Option ``input_state``: spend the request's second state on the end of its
+    input when it plans no branch point (so still <= 2 states per request), it
+    computed something (``hit < input_len``) and decodes past it; losing the
+    output's KV leaf then still leaves a hit at the input's end. The replay's
+    plan and the live component both ask this."""
+    return not branch_planned and hit < input_len < committed
+
+
 class MarconiAdmission(Admission):
     """Speculative insertion: the branch point (exact or on a grid) + the last decoded token."""
 
@@ -106,9 +115,8 @@ class MarconiAdmission(Admission):
 
     def plan(self, input_len, committed, hit, full_kv_hit):
         plan = plan_request(input_len, committed, hit, branch_point(full_kv_hit, hit, mode=self.mode, grid=self.grid))
-        if self.input_state and len(plan) < 2 and hit < input_len < committed:
-            # No branch point this request: spend the second state on the end of
-            # the input, so losing the output's KV leaf still leaves a hit there.
+        branch_planned = any(c.reason is AdmissionReason.BRANCH_POINT for c in plan)
+        if self.input_state and admits_input_end(input_len, committed, hit, branch_planned):
             plan.insert(0, Checkpoint(input_len, AdmissionReason.INPUT_END))
         return plan
 

@@ -37,6 +37,7 @@ REPLAY_STARTS = ("warmup", "snapshot")
 RECENCY_KINDS = ("inverse", "linear")
 UTILITY_FORMS = ("sum", "product", "density")
 DENSITY_VALUES = ("flops", "tokens")
+DENSITY_RANKS = ("dead_first", "full")
 
 #: Keys whose value is one of a fixed set of strings.
 _CHOICES = {
@@ -49,6 +50,7 @@ _CHOICES = {
     "recency": RECENCY_KINDS,
     "utility_form": UTILITY_FORMS,
     "density_value": DENSITY_VALUES,
+    "density_rank": DENSITY_RANKS,
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "input_state", "warm_start", "confirm")
@@ -76,6 +78,11 @@ class MarconiConfig:
     #: or "density" (hit density learned from the cache's own hits and
     #: evictions × value per byte; no α, no tuner: ``policy/hit_density.py``).
     utility_form: str = "sum"
+    #: ``density``: how the learned density ranks candidates. "dead_first":
+    #: states it predicts are never hit again (density 0: no state of their
+    #: class was ever hit at their age or older) go first, the rest by recency;
+    #: "full": by density × value per byte (LHD's rank).
+    density_rank: str = "dead_first"
     #: ``density``: what a hit is worth, "flops" (prefill FLOPs saved) or "tokens".
     density_value: str = "flops"
     #: ``density``: the tables are rebuilt every this many hits + evictions ...

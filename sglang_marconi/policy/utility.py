@@ -107,11 +107,13 @@ class EvictionQueue:
     """
 
     def __init__(self, cands: list[Candidate], alpha: float, now: float, form: str = "sum", rec: str = "inverse",
-                 horizon: Optional[float] = None, density: Optional[HitDensity] = None, value: str = "flops"):
+                 horizon: Optional[float] = None, density: Optional[HitDensity] = None, value: str = "flops",
+                 density_rank: str = "full"):
         if form == "density" and density is None:
             raise ValueError("EvictionQueue: utility_form 'density' needs a HitDensity")
         self.density = density
         self.value = value
+        self.density_rank = density_rank
         self.alpha = alpha
         self.now = now
         self.form = form
@@ -138,7 +140,11 @@ class EvictionQueue:
         if c.nbytes <= 0:
             return 0.0
         value = c.tokens_saved if self.value == "tokens" else c.flops_saved
-        return self.density.density(c.cls, self.now - c.last_access) * value / c.nbytes
+        score = self.density.density(c.cls, self.now - c.last_access) * value / c.nbytes
+        if self.density_rank == "dead_first":
+            # 0 (predicted dead) before 1 (everything else); ties go by older access
+            return 1.0 if score > 0 else 0.0
+        return score
 
     def _score(self, r: float, e: float, c: Candidate) -> float:
         if self.form == "density":

@@ -32,7 +32,7 @@ from sglang.srt.mem_cache.unified_cache.components.base import (
 from sglang.srt.mem_cache.unified_cache.components.full import FullComponent
 from sglang.srt.mem_cache.unified_cache.components.mamba import MambaComponent
 
-from ..policy.admission import AdmissionReason, branch_point
+from ..policy.admission import AdmissionReason, admits_input_end, branch_point
 
 
 def _node_id(node) -> int:
@@ -92,18 +92,29 @@ class MarconiMambaComponent(MambaComponent):
         Finished: the last decoded token's state is donated (SGLang's own path).
         Unfinished (a prefill chunk or a decode checkpoint): the state is
         admitted only when this checkpoint lands on the request's branch point,
-        once; otherwise the KV is published without a state.
+        once, or (option ``input_state``) on the end of its input when it has no
+        branch point; otherwise the KV is published without a state.
         """
         if is_finished:
             insert_params.marconi_reason = AdmissionReason.LAST_TOKEN
             return super().prepare_for_caching_req(req, insert_params, token_ids_len, is_finished)
         branch = getattr(req, "mamba_branching_seqlen", None)
         at = req.kv.mamba_last_track_seqlen if self.cache.enable_mamba_extra_buffer else token_ids_len
-        if branch is None or at != branch or getattr(req, "marconi_branch_admitted", False):
+        reason = None
+        if branch is not None and at == branch and not getattr(req, "marconi_branch_admitted", False):
+            req.marconi_branch_admitted = True
+            reason = AdmissionReason.BRANCH_POINT
+        elif self.marconi.config.input_state and not getattr(req, "marconi_input_admitted", False):
+            input_len = len(req.origin_input_ids)
+            hit = getattr(req, "num_matched_prefix_tokens", 0) or 0
+            # Unfinished after its prefill: the request decodes past its input.
+            if at == input_len and admits_input_end(input_len, input_len + 1, hit, branch_planned=branch is not None):
+                req.marconi_input_admitted = True
+                reason = AdmissionReason.INPUT_END
+        if reason is None:
             insert_params.mamba_value = None
             return None
-        req.marconi_branch_admitted = True
-        insert_params.marconi_reason = AdmissionReason.BRANCH_POINT
+        insert_params.marconi_reason = reason
         pool = self.cache.req_to_token_pool
         mamba_pool = pool.mamba_pool
         if (

@@ -34,15 +34,6 @@ def resolve_profile(name_or_path, hf_config=None) -> CostProfile:
     return builtin_profile("paper-7b")
 
 
-def check_live_config(config) -> None:
-    """Knobs the replay driver honours but the live scheduler path does not (yet)."""
-    if config.input_state:
-        raise MarconiConfigError(
-            "marconi config: input_state=true is a replay-only admission option (the live scheduler path "
-            "does not checkpoint the end of the input yet); drop it from --radix-eviction-policy-config"
-        )
-
-
 def marconi_factory(ctx):
     """SGLang radix-cache factory for ``--radix-cache-backend marconi``."""
     from sglang.srt.mem_cache.registry import default_radix_cache_factory
@@ -68,7 +59,6 @@ def marconi_factory(ctx):
     params = ctx.params
     config = parse_config(params.eviction_policy_config)
     profile = resolve_profile(config.profile, getattr(ctx.model_config, "hf_config", None))
-    check_live_config(config)
     if params.page_size != 1 and config.branch_points == "exact":
         raise MarconiConfigError(
             f"marconi config: branch_points='exact' needs --page-size 1 (got {params.page_size}); "

@@ -29,6 +29,7 @@ logger = logging.getLogger("sglang_marconi")
 GAUGES = {
     "marconi_branch_checkpoints": "SSM states admitted at a branch point (speculative insertion)",
     "marconi_last_token_checkpoints": "SSM states admitted after a request's last decoded token",
+    "marconi_input_end_checkpoints": "SSM states admitted at the end of a request's input (input_state)",
     "marconi_state_hits": "prefix matches that resumed from a cached SSM state",
     "marconi_matches": "prefix-match calls seen by the Marconi cache",
     "marconi_hit_tokens": "tokens served from the cache on state hits",
@@ -42,6 +43,7 @@ GAUGES = {
 _KEYS = {
     "marconi_branch_checkpoints": "admitted_branch_point",
     "marconi_last_token_checkpoints": "admitted_last_token",
+    "marconi_input_end_checkpoints": "admitted_input_end",
     "marconi_state_hits": "state_hits",
     "marconi_matches": "matches",
     "marconi_hit_tokens": "hit_tokens",
@@ -64,7 +66,7 @@ def snapshot(cache) -> Dict[str, float]:
 def log_line(values: Dict[str, float]) -> str:
     return (
         "marconi: requests=%d matches=%d state_hits=%d hit_tokens=%d branch_checkpoints=%d "
-        "last_token_checkpoints=%d state_evictions=%d leaf_evictions=%d evicted_tokens=%d alpha=%.3f"
+        "last_token_checkpoints=%d input_end_checkpoints=%d state_evictions=%d leaf_evictions=%d evicted_tokens=%d alpha=%.3f"
         % (
             values["marconi_requests_finished"],
             values["marconi_matches"],
@@ -72,6 +74,7 @@ def log_line(values: Dict[str, float]) -> str:
             values["marconi_hit_tokens"],
             values["marconi_branch_checkpoints"],
             values["marconi_last_token_checkpoints"],
+            values["marconi_input_end_checkpoints"],
             values["marconi_state_evictions"],
             values["marconi_leaf_evictions"],
             values["marconi_evicted_tokens"],

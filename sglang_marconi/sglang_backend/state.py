@@ -68,6 +68,7 @@ class MarconiCounters:
             "state_hits": self.state_hits,
             "admitted_branch_point": self.admitted[AdmissionReason.BRANCH_POINT],
             "admitted_last_token": self.admitted[AdmissionReason.LAST_TOKEN],
+            "admitted_input_end": self.admitted[AdmissionReason.INPUT_END],
             "state_evictions": self.state_evictions,
             "leaf_evictions": self.leaf_evictions,
             "evicted_tokens": self.evicted_tokens,
@@ -162,7 +163,7 @@ class MarconiState:
         """The queue one eviction call pops from, under the configured utility."""
         c = self.config
         return EvictionQueue(cands, self.alpha, self.clock + 1.0, c.utility_form, c.recency,
-                             self.efficiency_horizon_ticks(), self.hit_density, c.density_value)
+                             self.efficiency_horizon_ticks(), self.hit_density, c.density_value, c.density_rank)
 
     def candidate(self, node, *, frees_kv: bool, pool: str = "state") -> Candidate:
         """The policy's view of evicting ``node``.
