@@ -14,7 +14,9 @@ warnings.filterwarnings("ignore", message=".*support AWQ.*")
 
 @pytest.fixture
 def make_marconi():
-    """make_marconi(kv_slots, mamba_slots, kv_budget=None, state_budget=None, **config) -> (built, driver)."""
+    """make_marconi(kv_slots, mamba_slots, kv_budget=None, state_budget=None, **config) -> (built, driver).
+
+    Config defaults here: alpha 0, inline tuner, input_state false."""
     from sglang_marconi.policy import builtin_profile, parse_config
     from sglang_marconi.sglang_backend.driver import CacheDriver
     from sglang_marconi.sglang_backend.tuning import build_marconi_cache
@@ -23,6 +25,9 @@ def make_marconi():
 
     def make(kv_slots=2048, mamba_slots=16, kv_budget=None, state_budget=None, byte_budget=None, profile="paper-7b", **config):
         config.setdefault("alpha", 0.0)
+        # the base admission (branch point + last token); tests of the default's
+        # input-end state pass input_state=True
+        config.setdefault("input_state", False)
         config.setdefault("tuner", "inline")
         cfg = parse_config(config)
         prof = builtin_profile(profile) if isinstance(profile, str) else profile

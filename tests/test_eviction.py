@@ -548,3 +548,54 @@ def test_reset_after_evictions(make_marconi):
     assert nodes(built) == []
     r = drv.run(toks(1, 10), [2])
     assert r.hit_len == 0 and r.states_admitted == 1
+
+
+# ------------------------------------------------------------------ the default config (issue 6)
+
+
+def test_default_config_input_end_state_hand_computed(make_marconi):
+    """The default (α = 0, input_state): a request without a branch point leaves
+    two states, the end of its input (an internal node once the output's KV
+    follows) and its last token. Eviction goes by recency of the state stamps:
+    the input-end state is older than the last-token state, so it goes first as
+    a tombstone (KV kept, the whole-sequence hit survives); a hit refreshes only
+    the deepest matched node; a KV-only leaf left behind is the first KV victim
+    (it saves nothing)."""
+    from sglang_marconi.policy.config import MarconiConfig
+
+    built, drv = make_marconi(input_state=MarconiConfig().input_state)
+    st = built.cache.marconi
+    r1_in, r1_out = toks(1000, 20), toks(5000, 5)
+    r2_in, r2_out = toks(2000, 10), toks(6000, 3)
+    drv.run(r1_in, r1_out)  # committed 24: states at 20 (input end) and 24 (last token)
+    drv.run(r2_in, r2_out)  # committed 12: states at 10 and 12
+    seq1 = r1_in + r1_out[:-1]
+    in1, last1 = node_ending_at(built, 20, seq1), node_ending_at(built, 24, seq1)
+    seq2 = r2_in + r2_out[:-1]
+    in2, last2 = node_ending_at(built, 10, seq2), node_ending_at(built, 12, seq2)
+    assert all(has_state(n) for n in (in1, last1, in2, last2))
+    assert in1.marconi_t < last1.marconi_t < in2.marconi_t < last2.marconi_t
+    assert st.counters.as_dict()["admitted_input_end"] == 2
+
+    evict_states(built, 1)  # the oldest state: r1's input end, a tombstone
+    assert live(built, in1) and not has_state(in1) and live(built, last1)
+    # the next turn of r1 still hits the whole sequence, which refreshes last1
+    assert drv.cache.match_prefix(_mp(seq1 + [1])).device_prefix_len == 24
+    assert last1.marconi_t > last2.marconi_t
+    evict_states(built, 1)  # now the oldest: r2's input end (tombstone)
+    assert live(built, in2) and not has_state(in2) and has_state(last2)
+    evict_states(built, 1)  # r2's last-token leaf, deleted with its KV
+    assert not live(built, last2) and live(built, in2) and has_state(last1)
+    # r2's KV-only leaf saves nothing (no state on it or below): the first KV victim
+    res = evict_tokens(built, 1)
+    assert res.num_tokens_evicted == 10 and not live(built, in2)
+    assert live(built, last1) and has_state(last1)
+
+
+def _mp(tokens):
+    from array import array
+
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    return MatchPrefixParams(key=RadixKey(array("q", tokens)))

@@ -208,3 +208,24 @@ def _state_nodes(built):
     from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
     return [n for n in _walk(built.cache.tree_core.root_node) if n.component_data[ComponentType.MAMBA].value is not None]
+
+
+def test_dead_first_rank_is_recency_among_live_states():
+    """dead_first: predicted-dead states first, then oldest first whatever their
+    value; full: by density x value per byte, so a cheap young state can go
+    before a valuable old one."""
+    hd = HitDensity(period=1000, decay=1.0)
+    for _ in range(20):
+        hd.record(0, 10, hit=True)
+        hd.record(1, 10, hit=False)
+    hd.recompute()
+    now = 100.0
+    cands = [
+        Candidate("live-old-valuable", now - 8, flops_saved=1e6, nbytes=10, cls=0),
+        Candidate("live-young-cheap", now - 2, flops_saved=1.0, nbytes=10, cls=0),
+        Candidate("dead-young", now - 1, flops_saved=1e6, nbytes=10, cls=1),
+    ]
+    q = EvictionQueue(cands, 0.0, now, "density", density=hd, density_rank="dead_first")
+    assert [q.pop().key for _ in range(3)] == ["dead-young", "live-old-valuable", "live-young-cheap"]
+    q = EvictionQueue(cands, 0.0, now, "density", density=hd, density_rank="full")
+    assert [q.pop().key for _ in range(3)] == ["dead-young", "live-young-cheap", "live-old-valuable"]

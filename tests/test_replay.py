@@ -58,8 +58,10 @@ def test_purely_input_reuse_hits_on_the_third_request(tmp_path):
     assert run["token_hit_rate"] == round(40 / 128, 6)
     assert run["ssm_hits"] == 1
     assert run["requests"] == 3
-    # states: r1 last token; r2 branch point + last token; r3 last token
-    assert run["states_admitted_per_request"] == round(4 / 3, 4)
+    # states (default: input-end state when there is no branch point): r1 input
+    # end + last token; r2 branch point + last token; r3 last token only (its
+    # one-token reply ends at its input)
+    assert run["states_admitted_per_request"] == round(5 / 3, 4)
     assert run["evictions"] == 0
     from sglang_marconi.policy import builtin_profile
 
@@ -255,7 +257,7 @@ def test_variants_run_as_named_marconi_policies(tmp_path):
     trace = write_trace(tmp_path / "t.jsonl", reqs)
     doc = replay_json(
         tmp_path, trace, "--policies", "marconi,lru,marconi:same", "--variant", "same={}",
-        "--variant", 'lru0={"alpha": 0, "refresh": "path", "kv_refresh": "path"}', "--frac", "0.3", "--no-timing",
+        "--variant", 'lru0={"alpha": 0, "refresh": "path", "kv_refresh": "path", "input_state": false}', "--frac", "0.3", "--no-timing",
     )
     pols = [r["policy"] for r in doc["runs"]]
     assert pols == ["marconi", "lru", "marconi:same", "marconi:lru0"]  # unlisted variants are appended

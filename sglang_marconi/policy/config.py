@@ -24,10 +24,11 @@ DEFAULT_ALPHA_GRID = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 PAPER_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
 
 VARIANTS = ("marconi", "paper")
-#: ``variant: "paper"`` also selects the paper's tuner (α tuned once, on the
-#: first window after the first eviction, scored from a cold start, no memory
-#: or hysteresis, grid 0..2 step 0.1) unless the keys are given explicitly.
-PAPER_TUNER_DEFAULTS = {"retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
+#: ``variant: "paper"`` also selects the paper's admission (no input-end state)
+#: and its tuner (α auto, tuned once, on the first window after the first
+#: eviction, scored from a cold start, no memory or hysteresis, grid 0..2 step
+#: 0.1) unless the keys are given explicitly.
+PAPER_TUNER_DEFAULTS = {"alpha": None, "input_state": False, "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
                         "alpha_grid": PAPER_ALPHA_GRID}
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
@@ -66,7 +67,10 @@ class MarconiConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class MarconiConfig:
     #: Weight of FLOP efficiency against recency; ``None`` = tuned online ("auto").
-    alpha: Optional[float] = None
+    #: Default 0: recency (deepest-node refresh) ranks evictions; of every
+    #: variant measured it is the only one that never lost more than 1% to LRU
+    #: across trace x budget x arrival seed (BENCHMARKS.md, issue 6).
+    alpha: Optional[float] = 0.0
     #: Tuning window = window_multiplier x (requests seen before the first eviction).
     window_multiplier: int = 5
     #: Candidate α values the tuner replays.
@@ -78,11 +82,11 @@ class MarconiConfig:
     #: or "density" (hit density learned from the cache's own hits and
     #: evictions × value per byte; no α, no tuner: ``policy/hit_density.py``).
     utility_form: str = "sum"
-    #: ``density``: how the learned density ranks candidates. "dead_first":
-    #: states it predicts are never hit again (density 0: no state of their
-    #: class was ever hit at their age or older) go first, the rest by recency;
-    #: "full": by density × value per byte (LHD's rank).
-    density_rank: str = "dead_first"
+    #: ``density``: how the learned density ranks candidates. "full": by
+    #: density × value per byte (LHD's rank); "dead_first": states it predicts
+    #: are never hit again (density 0: no state of their class was hit at their
+    #: age or older) go first, the rest by recency.
+    density_rank: str = "full"
     #: ``density``: what a hit is worth, "flops" (prefill FLOPs saved) or "tokens".
     density_value: str = "flops"
     #: ``density``: the tables are rebuilt every this many hits + evictions ...
@@ -127,8 +131,9 @@ class MarconiConfig:
     #: mamba checkpoint grid (what its extra_buffer prefill can capture).
     branch_points: str = "exact"
     #: Also checkpoint the state at the end of the input when the request
-    #: creates no branch point (still <= 2 states per request).
-    input_state: bool = False
+    #: creates no branch point (still <= 2 states per request): losing the
+    #: output's KV leaf then still leaves a hit on the whole input.
+    input_state: bool = True
     #: "marconi" (this project's default: replay distance to the nearest
     #: ancestor state, node-local bytes) or "paper" (the paper's formulas as
     #: stated: saved FLOPs from the parent, bytes counting the path's KV).

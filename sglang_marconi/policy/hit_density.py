@@ -136,7 +136,6 @@ class HitDensity:
                 pooled_e[b] += e[b]
             if sum(h) + sum(e) >= MIN_EVENTS:
                 tables[cls] = density_table(h, e)
-
         self._tables = tables
         self._pooled = density_table(pooled_h, pooled_e) if sum(pooled_h) + sum(pooled_e) > 0 else None
         if self.decay < 1.0:

@@ -40,8 +40,9 @@ POLICIES = ("marconi", "sglang", "lru", "vllm", "infinite")
 MARCONI_BASED = ("marconi", "lru", "vllm", "infinite")
 KV_MARGIN = 64  # spare KV slots beyond budget + longest request
 STATE_HEADROOM = 4  # spare state slots: Marconi/SGLang admit <= 2 states per request
-MARCONI_DEFAULT_CONFIG = {"alpha": "auto", "tuner": "inline"}
-LRU_CONFIG = {"alpha": 0.0, "refresh": "path", "kv_refresh": "path"}  # whole-path LRU for KV and states
+MARCONI_DEFAULT_CONFIG = {"tuner": "inline"}  # the package defaults; replays tune inline (deterministic)
+#: whole-path LRU for KV and states, Marconi's admission without the input-end state
+LRU_CONFIG = {"alpha": 0.0, "refresh": "path", "kv_refresh": "path", "input_state": False}
 
 
 class PolicyError(ValueError):
