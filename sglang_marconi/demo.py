@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sglang_marconi.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--kv-budget", type=int, default=420, help="KV tokens the tree may hold (default 420)")
     ap.add_argument("--state-budget", type=int, default=5, help="SSM states the tree may hold (default 5)")
-    ap.add_argument("--alpha", default="auto", help="'auto' (tuned online) or a fixed number (default auto)")
+    ap.add_argument("--alpha", default=None,
+                    help="'auto' (tuned online) or a fixed number (default: the package default, 0)")
     ap.add_argument("--profile", default="paper-7b", help="cost profile (built-in name or config.json)")
     args = ap.parse_args(argv)
 
@@ -90,8 +91,17 @@ def main(argv=None) -> int:
     from .sglang_backend.driver import CacheDriver
     from .sglang_backend.tuning import build_marconi_cache
 
-    alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
-    config = parse_config({"alpha": alpha, "window_multiplier": 2, "tuner": "thread"})
+    knobs = {"window_multiplier": 2, "tuner": "thread"}
+    if args.alpha is not None:
+        try:
+            knobs["alpha"] = args.alpha if args.alpha == "auto" else float(args.alpha)
+        except ValueError:
+            raise SystemExit(f"error: --alpha {args.alpha!r}: expected 'auto' or a number") from None
+    try:
+        config = parse_config(knobs)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    args.alpha = "auto" if config.auto_alpha else config.alpha
     profile = resolve_profile(args.profile)
     built = build_marconi_cache(
         kv_slots=args.kv_budget + 1024,
@@ -132,7 +142,8 @@ def main(argv=None) -> int:
     c = st.counters.as_dict()
     console.print(
         f"token hit rate {total_hit}/{total_in} = {total_hit / total_in:.1%}; states admitted: "
-        f"{c['admitted_branch_point']} branch point + {c['admitted_last_token']} last decoded token; "
+        f"{c['admitted_branch_point']} branch point + {c['admitted_input_end']} input end + "
+        f"{c['admitted_last_token']} last decoded token; "
         f"evictions: {c['state_evictions']} states, {c['leaf_evictions']} nodes; alpha now {st.alpha:.2f}"
         + (f" (tuned {len(st.tuner.events)}x)" if st.tuner is not None else "")
     )
