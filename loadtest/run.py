@@ -27,7 +27,11 @@ CONFIGS = {
     "marconi": ["--radix-cache-backend", "marconi"],
     "sglang": [],
     "disabled": ["--disable-radix-cache"],
+    # opt-in (--configs): the previous default, the paper's alpha tuner without the input-end state
+    "marconi-tuned": ["--radix-cache-backend", "marconi", "--radix-eviction-policy-config",
+                      '{"alpha": "auto", "input_state": false}'],
 }
+DEFAULT_CONFIGS = ("marconi", "sglang", "disabled")
 
 
 def run_one(name, extra, model, a, out: Path) -> dict:
@@ -107,13 +111,17 @@ def main(argv=None) -> int:
     ap.add_argument("--spawn-rate", type=float, default=4)
     ap.add_argument("--duration", default="30s")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help=f"comma-separated, from {', '.join(CONFIGS)} (default {','.join(DEFAULT_CONFIGS)})")
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--model-dir", default=None, help="model to serve (default: built from --model-size)")
     ap.add_argument("--model-size", default="small", choices=["tiny", "small"],
                     help="NemotronH preset built when --model-dir is not given (default small: its prefill costs "
                          "real compute here; the tiny model's prefill is as cheap as the scheduler's overhead)")
     a = ap.parse_args(argv)
+    unknown = [c for c in a.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"error: --configs: unknown config {unknown[0]!r} (known: {', '.join(CONFIGS)})")
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     from sglang_marconi.cpu_serving.launch import DEFAULT_MODEL_DIR

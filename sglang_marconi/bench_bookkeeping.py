@@ -9,11 +9,13 @@ through the same scheduler-shaped driver against:
 * ``sglang-rust``   — SGLang's UnifiedRadixCache with its default FULL + MAMBA
   components on its Rust tree core (what a server uses by default);
 * ``sglang-python`` — the same on SGLang's Python tree core;
-* ``marconi-fixed`` — MarconiRadixCache (Python tree core, as every custom
-  component is) with a fixed α = 1;
-* ``marconi-auto``  — the same with α auto-tuned in a separate process: the
-  scheduler thread pays only the request log and a non-blocking poll, but on
-  a 2-core machine the tuner's replays share the cores with the scheduler.
+* ``marconi-default`` — MarconiRadixCache (Python tree core, as every custom
+  component is) with the package defaults (α = 0, input-end state);
+* ``marconi-fixed`` — the same with α = 1 and no input-end state (the FLOP-aware
+  utility, two states per request at most as before);
+* ``marconi-auto``  — α auto-tuned in a separate process, no input-end state:
+  the scheduler thread pays only the request log and a non-blocking poll, but
+  on a 2-core machine the tuner's replays share the cores with the scheduler.
 
 The time measured per request is the driver's whole call: match, lock,
 allocation, the checkpoint inserts, unlock and the budget eviction — the
@@ -45,6 +47,13 @@ def request_stream(n: int, seed: int = 0):
     return out
 
 
+MARCONI_CONFIGS = {
+    "marconi-default": {},
+    "marconi-fixed": {"alpha": 1.0, "input_state": False},
+    "marconi-auto": {"alpha": "auto", "input_state": False},
+}
+
+
 def run_one(name: str, stream, kv_budget: int, state_budget: int) -> float:
     from .policy import builtin_profile, parse_config
     from .sglang_backend.driver import CacheDriver
@@ -53,10 +62,10 @@ def run_one(name: str, stream, kv_budget: int, state_budget: int) -> float:
 
     kv_slots = kv_budget + 8192
     if name.startswith("marconi"):
-        alpha = "auto" if name == "marconi-auto" else 1.0
+        knobs = MARCONI_CONFIGS[name]
         built = build_marconi_cache(
             kv_slots=kv_slots, mamba_slots=state_budget + 4,
-            config=parse_config({"alpha": alpha, "tuner": "process"}),
+            config=parse_config({**knobs, "tuner": "process"}),
             profile=builtin_profile("paper-7b"), kv_budget=kv_budget, state_budget=state_budget,
         )
     else:
@@ -85,7 +94,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     stream = request_stream(args.requests)
-    names = ["sglang-rust", "sglang-python", "marconi-fixed", "marconi-auto"]
+    names = ["sglang-rust", "sglang-python", *MARCONI_CONFIGS]
     best = {n: float("inf") for n in names}
     for _ in range(args.repeats):
         for n in names:  # interleaved, so drift hits every variant alike

@@ -599,3 +599,19 @@ def _mp(tokens):
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
     return MatchPrefixParams(key=RadixKey(array("q", tokens)))
+
+
+def test_recency_only_candidates_keep_the_same_eviction_order(make_marconi):
+    """With α fixed at 0 the eviction candidates skip the cost terms; the order
+    must equal the one computed with them (a tiny α scores efficiency too little
+    to reorder distinct stamps, so it serves as the with-costs reference)."""
+    orders = []
+    for a in (0.0, 1e-12):
+        built, drv = make_marconi(alpha=a, kv_slots=4096, mamba_slots=32)
+        assert built.cache.marconi.recency_only == (a == 0.0)
+        for i, n in enumerate([120, 10, 50, 300, 7, 64]):
+            drv.run(toks(10000 * (i + 1), n), [1, 2])
+        built.cache.marconi.log_evictions = True
+        evict_all(built)
+        orders.append([end for _, end, _, _ in built.cache.marconi.counters.eviction_log])
+    assert orders[0] == orders[1] and len(orders[0]) >= 6

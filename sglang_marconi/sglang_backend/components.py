@@ -155,7 +155,7 @@ class MarconiMambaComponent(MambaComponent):
         leaves = self.tree_core.evictable_device_leaves
         # Node-id order: equal utilities break the same way in every process
         # (the leaf set iterates in memory order).
-        cands = [st.candidate(n, frees_kv=n in leaves) for n in sorted(self._holders(), key=_node_id)]
+        cands = [st.eviction_candidate(n, frees_kv=n in leaves) for n in sorted(self._holders(), key=_node_id)]
         self._queue = st.eviction_queue(cands)
         self._evict_device_request_cnt = request_cnt
         self._last_leaf = None
@@ -171,7 +171,7 @@ class MarconiMambaComponent(MambaComponent):
             p = lv.parent
             cd = p.component_data[ct]
             if cd.value is not None and cd.lock_ref == 0 and len(p.children) <= 1:
-                self._queue.push(st.candidate(p, frees_kv=p in leaves))
+                self._queue.push(st.eviction_candidate(p, frees_kv=p in leaves))
         while tracker[ct] < self._evict_device_request_cnt:
             score = self._queue.peek_score()
             cand = self._queue.pop()
@@ -217,7 +217,7 @@ class MarconiFullComponent(FullComponent):
         st = self.marconi
         st.on_eviction_call()
         leaves = sorted(self.tree_core.evictable_device_leaves, key=_node_id)
-        cands = [st.candidate(n, frees_kv=True, pool="kv") for n in leaves]
+        cands = [st.eviction_candidate(n, frees_kv=True, pool="kv") for n in leaves]
         self._queue = st.eviction_queue(cands)
         self._evict_device_request_cnt = request_cnt
         self._evict_device_last_node = None
@@ -229,7 +229,7 @@ class MarconiFullComponent(FullComponent):
         lv = self._evict_device_last_node
         self._evict_device_last_node = None
         if lv is not None and lv.parent is not None and lv.parent in leaves:
-            self._queue.push(st.candidate(lv.parent, frees_kv=True, pool="kv"))
+            self._queue.push(st.eviction_candidate(lv.parent, frees_kv=True, pool="kv"))
         while tracker[ct] < self._evict_device_request_cnt:
             score = self._queue.peek_score()
             cand = self._queue.pop()

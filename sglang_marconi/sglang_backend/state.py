@@ -88,6 +88,10 @@ class MarconiState:
         self.log_evictions = False  # the demo and tests turn this on
         self.root = None  # set by the cache once its tree exists
         self.requests_finished = 0
+        #: α fixed at 0 with the sum or product form: the utility is normalized
+        #: recency alone, so candidates skip the cost terms (FLOPs, bytes, replay
+        #: distance), which the order never reads.
+        self.recency_only = tuner is None and config.alpha == 0.0 and config.utility_form in ("sum", "product")
         self.hit_density: Optional[HitDensity] = None
         if config.utility_form == "density":
             self.hit_density = HitDensity(config.density_period, config.density_decay)
@@ -172,6 +176,7 @@ class MarconiState:
         otherwise only its SSM state is freed (tombstone). ``pool`` ("kv" or
         "state") picks the recency stamp the pool ranks by.
         """
+        stamp = "marconi_kv_t" if pool == "kv" else "marconi_t"
         ct = _mamba_ct()
         end = self.node_end(node)
         own = len(node.key)
@@ -194,12 +199,19 @@ class MarconiState:
                 nbytes = (p.kv_bytes(own) if frees_kv else 0) + state_bytes
             flops = p.flops_saved(start, end, replay_from=replay_from) if has_state else 0.0
             node.marconi_memo = (memo_key, flops, nbytes)
-        stamp = "marconi_kv_t" if pool == "kv" else "marconi_t"
         cand = Candidate(key=node, last_access=getattr(node, stamp, 0.0), flops_saved=flops, nbytes=nbytes)
         if self.hit_density is not None:
             cand.cls = self.state_class(node)
             cand.tokens_saved = end - replay_from if has_state else 0
         return cand
+
+    def eviction_candidate(self, node, *, frees_kv: bool, pool: str = "state") -> Candidate:
+        """:meth:`candidate` as an eviction call needs it: with ``recency_only``
+        the cost terms are skipped (the order reads only the stamp)."""
+        if self.recency_only:
+            stamp = "marconi_kv_t" if pool == "kv" else "marconi_t"
+            return Candidate(key=node, last_access=getattr(node, stamp, 0.0), flops_saved=0.0, nbytes=0)
+        return self.candidate(node, frees_kv=frees_kv, pool=pool)
 
     # -- events -------------------------------------------------------------
     def on_eviction_call(self) -> None:
