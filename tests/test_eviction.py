@@ -554,7 +554,7 @@ def test_reset_after_evictions(make_marconi):
 
 
 def test_default_config_input_end_state_hand_computed(make_marconi):
-    """The default (α = 0, input_state): a request without a branch point leaves
+    """The default (α = 0, input_state, tombstones_first): a request without a branch point leaves
     two states, the end of its input (an internal node once the output's KV
     follows) and its last token. Eviction goes by recency of the state stamps:
     the input-end state is older than the last-token state, so it goes first as
@@ -563,7 +563,9 @@ def test_default_config_input_end_state_hand_computed(make_marconi):
     (it saves nothing)."""
     from sglang_marconi.policy.config import MarconiConfig
 
-    built, drv = make_marconi(input_state=MarconiConfig().input_state)
+    default = MarconiConfig()
+    built, drv = make_marconi(input_state=default.input_state, tombstones_first=default.tombstones_first)
+    assert default.alpha == 0.0
     st = built.cache.marconi
     r1_in, r1_out = toks(1000, 20), toks(5000, 5)
     r2_in, r2_out = toks(2000, 10), toks(6000, 3)
@@ -615,3 +617,20 @@ def test_recency_only_candidates_keep_the_same_eviction_order(make_marconi):
         evict_all(built)
         orders.append([end for _, end, _, _ in built.cache.marconi.counters.eviction_log])
     assert orders[0] == orders[1] and len(orders[0]) >= 6
+
+
+def test_tombstones_first_evicts_internal_states_before_any_leaf_state(make_marconi):
+    """``tombstones_first`` (α = 0): r2's input-end state (internal, newer) goes
+    before r1's last-token leaf (older); without it, plain recency takes r1's
+    input end, then r1's leaf."""
+    def fill(**cfg):
+        built, drv = make_marconi(input_state=True, **cfg)
+        drv.run(toks(1000, 20), toks(5000, 5))
+        drv.run(toks(2000, 10), toks(6000, 3))
+        built.cache.marconi.log_evictions = True
+        evict_states(built, 3)
+        return [(end, tokens) for _, end, tokens, _ in built.cache.marconi.counters.eviction_log]
+
+    # (node end, KV tokens freed): a tombstone frees no KV, a leaf its own tokens
+    assert fill(tombstones_first=True) == [(20, 0), (10, 0), (24, 4)]
+    assert fill() == [(20, 0), (24, 4), (10, 0)]

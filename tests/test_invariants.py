@@ -55,7 +55,7 @@ VARIANTS = {
     "single_budget": dict(alpha=1.0, variant="paper", single=True),
     "refresh_path": dict(alpha=0.5, refresh="path"),
     # the package default (issue 6): α = 0 with the input-end state
-    "default": dict(alpha=0.0, input_state=True),
+    "default": dict(alpha=0.0, input_state=True, tombstones_first=True),
     "density": dict(utility_form="density", input_state=True, density_period=4),
 }
 

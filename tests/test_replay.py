@@ -257,7 +257,7 @@ def test_variants_run_as_named_marconi_policies(tmp_path):
     trace = write_trace(tmp_path / "t.jsonl", reqs)
     doc = replay_json(
         tmp_path, trace, "--policies", "marconi,lru,marconi:same", "--variant", "same={}",
-        "--variant", 'lru0={"alpha": 0, "refresh": "path", "kv_refresh": "path", "input_state": false}', "--frac", "0.3", "--no-timing",
+        "--variant", 'lru0={"alpha": 0, "refresh": "path", "kv_refresh": "path", "input_state": false, "tombstones_first": false}', "--frac", "0.3", "--no-timing",
     )
     pols = [r["policy"] for r in doc["runs"]]
     assert pols == ["marconi", "lru", "marconi:same", "marconi:lru0"]  # unlisted variants are appended

@@ -301,7 +301,7 @@ def test_parse_config_defaults():
     assert cfg == MarconiConfig()
     # the default (issue 6): recency ranks evictions (α = 0, no tuner), and the
     # input's end is checkpointed when a request creates no branch point
-    assert cfg.alpha == 0.0 and not cfg.auto_alpha and cfg.input_state
+    assert cfg.alpha == 0.0 and not cfg.auto_alpha and cfg.input_state and cfg.tombstones_first
     assert cfg.refresh == cfg.kv_refresh == "deepest" and cfg.utility_form == "sum"
     assert cfg.alpha_grid == DEFAULT_ALPHA_GRID == (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     assert cfg.warm_start and cfg.confirm and cfg.retune
@@ -309,7 +309,7 @@ def test_parse_config_defaults():
     paper = parse_config({"variant": "paper"})
     assert paper.alpha_grid == PAPER_ALPHA_GRID and len(PAPER_ALPHA_GRID) == 21 and PAPER_ALPHA_GRID[-1] == 2.0
     assert not paper.retune and not paper.warm_start and not paper.confirm
-    assert paper.auto_alpha and not paper.input_state
+    assert paper.auto_alpha and not paper.input_state and not paper.tombstones_first
     assert paper.switch_margin == 0.0 and paper.score_decay == 0.0
     # explicit keys win over the paper's tuner defaults
     assert parse_config({"variant": "paper", "retune": True, "alpha_grid": [0, 1]}).retune is True
@@ -400,6 +400,7 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"warm_start": 1}, "warm_start"),
         ({"confirm": "no"}, "confirm"),
         ({"input_state": None}, "input_state"),
+        ({"tombstones_first": "yes"}, "tombstones_first"),
         ({"warmup_windows": 0}, "warmup_windows"),
         ({"alpha_max": -1}, "alpha_max"),
         ({"state_candidates": "some"}, "state_candidates"),

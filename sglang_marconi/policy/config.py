@@ -28,7 +28,7 @@ VARIANTS = ("marconi", "paper")
 #: and its tuner (α auto, tuned once, on the first window after the first
 #: eviction, scored from a cold start, no memory or hysteresis, grid 0..2 step
 #: 0.1) unless the keys are given explicitly.
-PAPER_TUNER_DEFAULTS = {"alpha": None, "input_state": False, "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
+PAPER_TUNER_DEFAULTS = {"alpha": None, "input_state": False, "tombstones_first": False, "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
                         "alpha_grid": PAPER_ALPHA_GRID}
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
@@ -54,7 +54,7 @@ _CHOICES = {
     "density_rank": DENSITY_RANKS,
     "tuner": TUNER_MODES,
 }
-_BOOLS = ("retune", "input_state", "warm_start", "confirm")
+_BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first")
 _POSITIVE_INTS = ("window_multiplier", "tuner_max_requests", "warmup_windows", "score_windows", "density_period")
 #: Keys that take null or a number (with its minimum).
 _OPTIONAL_NUMBERS = {"alpha_max": 0.0, "efficiency_horizon": 1e-9, "single_budget_gb": 1e-9}
@@ -143,6 +143,10 @@ class MarconiConfig:
     refresh: str = "deepest"
     #: The same for the KV pool's recency (leaves of the KV pool).
     kv_refresh: str = "deepest"
+    #: State pool, α fixed at 0: evict states of internal nodes (tombstones: the
+    #: KV stays, a longer sequence already runs past them) before any leaf's
+    #: state, each group by recency.
+    tombstones_first: bool = True
     #: SSM-state eviction candidates: "narrow" (holders with at most one child,
     #: the paper's rule: a branch point's state serves several children) or
     #: "all" (every unlocked holder, as SGLang's LRU does).
