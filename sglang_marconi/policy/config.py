@@ -67,9 +67,10 @@ class MarconiConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class MarconiConfig:
     #: Weight of FLOP efficiency against recency; ``None`` = tuned online ("auto").
-    #: Default 0: recency (deepest-node refresh) ranks evictions; of every
-    #: variant measured it is the only one that never lost more than 1% to LRU
-    #: across trace x budget x arrival seed (BENCHMARKS.md, issue 6).
+    #: Default 0: recency (deepest-node refresh) ranks evictions; with
+    #: ``input_state`` and ``tombstones_first`` it is the only variant measured
+    #: that is never below LRU across trace x budget x arrival seed
+    #: (BENCHMARKS.md, issue 6).
     alpha: Optional[float] = 0.0
     #: Tuning window = window_multiplier x (requests seen before the first eviction).
     window_multiplier: int = 5
