@@ -12,7 +12,7 @@ setup:
 demo: setup
 	$(PY) -m sglang_marconi.demo
 	$(PY) -m sglang_marconi.cpu_serving.launch --examples examples \
-	    --radix-cache-backend marconi --enable-metrics --radix-eviction-policy-config '{"alpha": "auto"}'
+	    --radix-cache-backend marconi --enable-metrics
 
 test: setup
 	$(PY) -m pytest -q tests
