@@ -110,12 +110,18 @@ def test_density_config_errors_name_the_key(raw, key):
         parse_config(raw)
 
 
-def test_density_queue_orders_by_density_times_value_per_byte():
+def _hot_and_cold_classes() -> HitDensity:
+    """Class 0: always hit at age 10; class 1: always evicted at age 10."""
     hd = HitDensity(period=1000, decay=1.0)
     for _ in range(20):
         hd.record(0, 10, hit=True)
         hd.record(1, 10, hit=False)
     hd.recompute()
+    return hd
+
+
+def test_density_queue_orders_by_density_times_value_per_byte():
+    hd = _hot_and_cold_classes()
     now = 100.0
     cands = [
         Candidate("young-hot", now - 3, flops_saved=100.0, nbytes=10, cls=0, tokens_saved=5),
@@ -214,11 +220,7 @@ def test_dead_first_rank_is_recency_among_live_states():
     """dead_first: predicted-dead states first, then oldest first whatever their
     value; full: by density x value per byte, so a cheap young state can go
     before a valuable old one."""
-    hd = HitDensity(period=1000, decay=1.0)
-    for _ in range(20):
-        hd.record(0, 10, hit=True)
-        hd.record(1, 10, hit=False)
-    hd.recompute()
+    hd = _hot_and_cold_classes()
     now = 100.0
     cands = [
         Candidate("live-old-valuable", now - 8, flops_saved=1e6, nbytes=10, cls=0),

@@ -59,6 +59,25 @@ def _state_of(built, slot):
     return [c[:, slot].clone() for c in state.conv] + [state.temporal[:, slot].clone()]
 
 
+def _req_with_state(built, rid, tokens, seed):
+    """A request whose live SSM slot holds random values: (req, live slot, those values)."""
+    req = _req(built, rid, tokens)
+    live = int(req.kv.mamba_pool_idx)
+    _fill_state(built, live, seed=seed)
+    return req, live, _state_of(built, live)
+
+
+def _assert_cached_copy(built, match, live, expected):
+    """The state the match resumes from is a copy of ``expected`` in a cache slot (not ``live``)."""
+    from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
+
+    node = built.cache.tree_core.node_by_id(match.best_match_node)
+    slot = int(node.component_data[ComponentType.MAMBA].value[0])
+    assert slot != live
+    for got, want in zip(_state_of(built, slot), expected):
+        assert torch.equal(got, want)
+
+
 def _match(built, tokens):
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -67,7 +86,6 @@ def _match(built, tokens):
 
 
 def test_chunk_checkpoints_admit_only_the_branch_point(make_marconi):
-    from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
     from sglang.test.mem_cache_utils import finish_req
 
     from sglang_marconi.policy import AdmissionReason
@@ -75,10 +93,7 @@ def test_chunk_checkpoints_admit_only_the_branch_point(make_marconi):
     built, _ = make_marconi(kv_slots=512, mamba_slots=8)
     cache = built.cache
     tokens = list(range(100, 160))
-    req = _req(built, "r0", tokens)
-    live = int(req.kv.mamba_pool_idx)
-    _fill_state(built, live, seed=1)
-    expected = _state_of(built, live)
+    req, live, expected = _req_with_state(built, "r0", tokens, seed=1)
 
     # Chunk 1 ends at 20: not the branch point -> KV published, no state.
     req.mamba_branching_seqlen = 35
@@ -91,11 +106,7 @@ def test_chunk_checkpoints_admit_only_the_branch_point(make_marconi):
     assert cache.mamba_evictable_size() + cache.mamba_protected_size() == 1
     m = _match(built, tokens[:36])
     assert m.device_prefix_len == 35
-    node = cache.tree_core.node_by_id(m.best_match_node)
-    slot = int(node.component_data[ComponentType.MAMBA].value[0])
-    assert slot != live
-    for got, want in zip(_state_of(built, slot), expected):
-        assert torch.equal(got, want)
+    _assert_cached_copy(built, m, live, expected)
 
     # Another checkpoint at 35 (e.g. a retry) does not admit a second state.
     cache.checkpoint(req, up_to=50)
@@ -129,7 +140,6 @@ def test_input_end_checkpoint_on_the_scheduler_path(make_marconi, input_state):
     prefill ends (up_to = the input's length) admits the state there, once; the
     finished request still donates its last-token state (2 states). Without the
     option that checkpoint publishes KV only."""
-    from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
     from sglang.test.mem_cache_utils import finish_req
 
     from sglang_marconi.policy import AdmissionReason
@@ -137,10 +147,7 @@ def test_input_end_checkpoint_on_the_scheduler_path(make_marconi, input_state):
     built, _ = make_marconi(kv_slots=512, mamba_slots=8, input_state=input_state)
     cache = built.cache
     tokens = list(range(300, 340))
-    req = _req(built, "r1", tokens)
-    live = int(req.kv.mamba_pool_idx)
-    _fill_state(built, live, seed=2)
-    expected = _state_of(built, live)
+    req, live, expected = _req_with_state(built, "r1", tokens, seed=2)
     req.mamba_branching_seqlen = None
     cache.checkpoint(req, up_to=25)  # a middle chunk: never a state
     assert cache.mamba_evictable_size() + cache.mamba_protected_size() == 0
@@ -151,11 +158,7 @@ def test_input_end_checkpoint_on_the_scheduler_path(make_marconi, input_state):
     m = _match(built, tokens + [7])
     assert m.device_prefix_len == (len(tokens) if input_state else 0)
     if input_state:
-        node = cache.tree_core.node_by_id(m.best_match_node)
-        slot = int(node.component_data[ComponentType.MAMBA].value[0])
-        assert slot != live
-        for got, want in zip(_state_of(built, slot), expected):
-            assert torch.equal(got, want)
+        _assert_cached_copy(built, m, live, expected)
     _decode(built, req, [901, 902, 903, 904])
     finish_req(cache, req, len(tokens) + 3)  # input + output - 1
     counters = cache.marconi.counters

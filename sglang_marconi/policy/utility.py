@@ -155,12 +155,11 @@ class EvictionQueue:
         return utility(r, e, alpha, self.bounds, self.form)
 
     def score(self, c: Candidate) -> float:
-        r, e = recency(c.last_access, self.now, self.rec), c.efficiency
         if self.form == "density":
             return self._density_score(c)
         if self.bounds is None:
             return 1.0 + self.alpha
-        return self._score(r, e, c)
+        return self._score(recency(c.last_access, self.now, self.rec), c.efficiency, c)
 
     def push(self, c: Candidate) -> None:
         heapq.heappush(self._heap, (self.score(c), c.last_access, next(self._seq), c))

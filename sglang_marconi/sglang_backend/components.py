@@ -35,9 +35,6 @@ from sglang.srt.mem_cache.unified_cache.components.mamba import MambaComponent
 from ..policy.admission import AdmissionReason, admits_input_end, branch_point
 
 
-#: Shifts internal holders' stamps below every leaf's (clock ticks never reach it).
-TOMBSTONE_FIRST_SHIFT = 1e15
-
 
 def _node_id(node) -> int:
     return node.id
@@ -159,11 +156,7 @@ class MarconiMambaComponent(MambaComponent):
         leaves = self.tree_core.evictable_device_leaves
         # Node-id order: equal utilities break the same way in every process
         # (the leaf set iterates in memory order).
-        cands = [st.eviction_candidate(n, frees_kv=n in leaves) for n in sorted(self._holders(), key=_node_id)]
-        if st.recency_only and st.config.tombstones_first:
-            for c in cands:
-                if c.key.children:  # an internal holder: older than every leaf, order kept
-                    c.last_access -= TOMBSTONE_FIRST_SHIFT
+        cands = [st.state_pool_candidate(n, frees_kv=n in leaves) for n in sorted(self._holders(), key=_node_id)]
         self._queue = st.eviction_queue(cands)
         self._evict_device_request_cnt = request_cnt
         self._last_leaf = None
@@ -179,10 +172,7 @@ class MarconiMambaComponent(MambaComponent):
             p = lv.parent
             cd = p.component_data[ct]
             if cd.value is not None and cd.lock_ref == 0 and len(p.children) <= 1:
-                cand = st.eviction_candidate(p, frees_kv=p in leaves)
-                if st.recency_only and st.config.tombstones_first and p.children:
-                    cand.last_access -= TOMBSTONE_FIRST_SHIFT
-                self._queue.push(cand)
+                self._queue.push(st.state_pool_candidate(p, frees_kv=p in leaves))
         while tracker[ct] < self._evict_device_request_cnt:
             score = self._queue.peek_score()
             cand = self._queue.pop()

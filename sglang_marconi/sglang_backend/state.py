@@ -76,6 +76,14 @@ class MarconiCounters:
 
 
 EVICTION_LOG_MAX = 10_000
+#: ``tombstones_first``: shifts internal holders' stamps below every leaf's
+#: (clock ticks never reach it).
+TOMBSTONE_FIRST_SHIFT = 1e15
+
+
+def _stamp(node, pool: str) -> float:
+    """The recency stamp ``pool`` ("kv" or "state") ranks ``node`` by."""
+    return getattr(node, "marconi_kv_t" if pool == "kv" else "marconi_t", 0.0)
 
 
 class MarconiState:
@@ -92,6 +100,8 @@ class MarconiState:
         #: recency alone, so candidates skip the cost terms (FLOPs, bytes, replay
         #: distance), which the order never reads.
         self.recency_only = tuner is None and config.alpha == 0.0 and config.utility_form in ("sum", "product")
+        #: ``tombstones_first`` applies only to that recency order (state pool)
+        self.tombstones_first = self.recency_only and config.tombstones_first
         self.hit_density: Optional[HitDensity] = None
         if config.utility_form == "density":
             self.hit_density = HitDensity(config.density_period, config.density_decay)
@@ -176,7 +186,6 @@ class MarconiState:
         otherwise only its SSM state is freed (tombstone). ``pool`` ("kv" or
         "state") picks the recency stamp the pool ranks by.
         """
-        stamp = "marconi_kv_t" if pool == "kv" else "marconi_t"
         ct = _mamba_ct()
         end = self.node_end(node)
         own = len(node.key)
@@ -199,7 +208,7 @@ class MarconiState:
                 nbytes = (p.kv_bytes(own) if frees_kv else 0) + state_bytes
             flops = p.flops_saved(start, end, replay_from=replay_from) if has_state else 0.0
             node.marconi_memo = (memo_key, flops, nbytes)
-        cand = Candidate(key=node, last_access=getattr(node, stamp, 0.0), flops_saved=flops, nbytes=nbytes)
+        cand = Candidate(key=node, last_access=_stamp(node, pool), flops_saved=flops, nbytes=nbytes)
         if self.hit_density is not None:
             cand.cls = self.state_class(node)
             cand.tokens_saved = end - replay_from if has_state else 0
@@ -209,9 +218,17 @@ class MarconiState:
         """:meth:`candidate` as an eviction call needs it: with ``recency_only``
         the cost terms are skipped (the order reads only the stamp)."""
         if self.recency_only:
-            stamp = "marconi_kv_t" if pool == "kv" else "marconi_t"
-            return Candidate(key=node, last_access=getattr(node, stamp, 0.0), flops_saved=0.0, nbytes=0)
+            return Candidate(key=node, last_access=_stamp(node, pool), flops_saved=0.0, nbytes=0)
         return self.candidate(node, frees_kv=frees_kv, pool=pool)
+
+    def state_pool_candidate(self, node, *, frees_kv: bool) -> Candidate:
+        """An eviction candidate of the SSM-state pool: with ``tombstones_first``
+        an internal holder's stamp is shifted below every leaf's (order kept
+        within each group)."""
+        cand = self.eviction_candidate(node, frees_kv=frees_kv)
+        if self.tombstones_first and node.children:
+            cand.last_access -= TOMBSTONE_FIRST_SHIFT
+        return cand
 
     # -- events -------------------------------------------------------------
     def on_eviction_call(self) -> None:
