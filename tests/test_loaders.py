@@ -103,6 +103,61 @@ def test_malformed_trajectory_names_the_file(tmp_path):
     assert "trajs.tgz:trajs/b/b.traj.json: not JSON" in str(e.value)
 
 
+def _write_trajs(tgz, trajs: dict) -> str:
+    with tarfile.open(tgz, "w:gz") as tf:
+        for sid, msgs in trajs.items():
+            body = json.dumps({"instance_id": sid, "messages": msgs}).encode()
+            info = tarfile.TarInfo(f"trajs/{sid}/{sid}.traj.json")
+            info.size = len(body)
+            tf.addfile(info, io.BytesIO(body))
+    return str(tgz)
+
+
+def _call(content, created):
+    return {"role": "assistant", "content": content, "extra": {"response": {"created": created}}}
+
+
+def _obs(content):
+    return {"role": "user", "content": content}
+
+
+def test_swe_agent_recorded_arrivals_use_call_timestamps(tmp_path):
+    trajs = {
+        "a__a-1": [_obs("task one"), _call("ls", 1000), _obs("x"), _call("cat", 1007), _obs("y"), _call("done", 1010)],
+        "b__b-2": [_obs("task two"), _call("pwd", 50), _obs("z"), _call("exit", 52)],
+    }
+    src = f"swe-agent:{_write_trajs(tmp_path / 'trajs.tgz', trajs)}"
+    tr = load_trace(src, LoadOptions(swe_arrivals="recorded", sps=0.5), use_cache=False)
+    got = sorted((r.session_id, r.turn, r.arrival_s) for r in tr.requests)
+    # session i starts at i / sps; then the gaps between the recorded calls (7 s, 3 s; 2 s)
+    assert got == [("a__a-1", 0, 0.0), ("a__a-1", 1, 7.0), ("a__a-1", 2, 10.0), ("b__b-2", 0, 2.0), ("b__b-2", 1, 4.0)]
+    # the seed only moves Poisson gaps
+    again = load_trace(src, LoadOptions(swe_arrivals="recorded", sps=0.5, seed=3), use_cache=False)
+    assert [r.arrival_s for r in again.requests] == [r.arrival_s for r in tr.requests]
+    poisson = load_trace(src, LoadOptions(sps=0.5), use_cache=False)
+    assert [r.arrival_s for r in poisson.requests] != [r.arrival_s for r in tr.requests]
+
+
+@pytest.mark.parametrize("created, problem", [
+    ((1000, None), "message 3 has no numeric extra.response.created (needed by --swe-arrivals recorded), got null"),
+    ((1000, "soon"), 'message 3 has no numeric extra.response.created (needed by --swe-arrivals recorded), got "soon"'),
+    ((1000, 990), "message 3: extra.response.created 990 is before the previous call's 1000"),
+])
+def test_swe_agent_recorded_arrivals_bad_timestamp(tmp_path, created, problem):
+    msgs = [_obs("task"), _call("ls", created[0]), _obs("x"), _call("cat", created[1])]
+    src = f"swe-agent:{_write_trajs(tmp_path / 'trajs.tgz', {'c__c-3': msgs})}"
+    with pytest.raises(TraceError) as e:
+        load_trace(src, LoadOptions(swe_arrivals="recorded"), use_cache=False)
+    assert str(e.value) == f"{tmp_path / 'trajs.tgz'}:trajs/c__c-3/c__c-3.traj.json: {problem}"
+    # Poisson arrivals do not read the timestamps
+    assert len(load_trace(src, LoadOptions(), use_cache=False).requests) == 2
+
+
+def test_swe_arrivals_option_is_checked():
+    with pytest.raises(TraceError, match="--swe-arrivals must be one of poisson, recorded, got 'real'"):
+        LoadOptions(swe_arrivals="real").validate()
+
+
 # ---------------------------------------------------------------- canonical traces
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from .loaders import LoadOptions, Request, TraceError, load_trace
+from .loaders import SWE_ARRIVALS, LoadOptions, Request, TraceError, load_trace
 
 POLICIES = ("lru", "end-oracle", "belady")
 
@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-turns", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0, help="seed of the arrival gaps (default 0)")
+    ap.add_argument("--swe-arrivals", choices=SWE_ARRIVALS, default="poisson",
+                    help="swe-agent turn gaps: poisson (default) or recorded (the trajectories' call timestamps)")
     ap.add_argument("--fracs", default="0.05,0.1,0.25",
                     help="KV budgets as fractions of the trace's distinct session tokens (default 0.05,0.1,0.25)")
     args = ap.parse_args(argv)
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
     if not fracs or any(not 0 < f for f in fracs):
         raise SystemExit(f"error: --fracs {args.fracs!r}: fractions must be > 0")
     opt = LoadOptions(sessions=args.sessions if args.sessions is not None else 100, skip_sessions=args.skip_sessions,
-                      max_turns=args.max_turns, max_tokens=args.max_tokens, seed=args.seed)
+                      max_turns=args.max_turns, max_tokens=args.max_tokens, seed=args.seed,
+                      swe_arrivals=args.swe_arrivals)
     try:
         trace = load_trace(args.trace, opt)
     except (TraceError, ValueError) as e:

@@ -25,7 +25,8 @@ generation prompt) — never by re-tokenizing the history.
 Arrivals (the Marconi paper's replay): session i starts at ``i / sps`` s;
 ShareGPT turn gaps = words of the next user message(s) / 1.5 words/s; SWE-agent
 gaps are exponential (Poisson arrivals, mean 7.5 s) from a per-session RNG
-seeded with ``(seed, session_id)``; GSM8K is single-turn.
+seeded with ``(seed, session_id)`` or, with ``swe_arrivals="recorded"``, the gaps
+between the recorded calls' ``created`` timestamps; GSM8K is single-turn.
 
 Tokenized traces are cached under ``~/.cache/sglang-marconi/replay/`` keyed by
 the hash of (source identity, load options, tokenizer fingerprint).
@@ -146,6 +147,9 @@ class Trace:
         }
 
 
+SWE_ARRIVALS = ("poisson", "recorded")
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     sessions: Optional[int] = 100  #: first N eligible sessions (None: all)
@@ -160,6 +164,9 @@ class LoadOptions:
     k: int = 5  #: GSM8K exemplars
     tokenizer: str = DEFAULT_TOKENIZER
     swe_gap_s: float = 7.5  #: mean of the SWE-agent exponential turn gaps
+    #: SWE-agent turn gaps: "poisson" (exponential, mean ``swe_gap_s``, the paper's) or
+    #: "recorded" (the gaps between the calls' ``extra.response.created`` timestamps)
+    swe_arrivals: str = "poisson"
     words_per_s: float = 1.5  #: ShareGPT typing speed for turn gaps
     #: SWE-agent: keep only the last K observations in each prompt (the paper's
     #: transform: "the observation 5 rounds back is deleted each turn"); None = as recorded
@@ -188,6 +195,8 @@ class LoadOptions:
             raise TraceError(f"--k must be >= 0, got {self.k!r}")
         if self.swe_drop_observations is not None and self.swe_drop_observations < 1:
             raise TraceError(f"--swe-drop-observations must be >= 1, got {self.swe_drop_observations!r}")
+        if self.swe_arrivals not in SWE_ARRIVALS:
+            raise TraceError(f"--swe-arrivals must be one of {', '.join(SWE_ARRIVALS)}, got {self.swe_arrivals!r}")
         if not (self.swe_gap_s > 0 and self.words_per_s > 0):
             raise TraceError("gap parameters must be positive")
 
@@ -455,7 +464,8 @@ def read_trajectories(path: str) -> list[tuple[str, bytes]]:
     return sorted(out)
 
 
-def parse_trajectory(path: str, name: str, data: bytes) -> tuple[str, list[tuple[str, str]]]:
+def parse_trajectory(path: str, name: str, data: bytes) -> tuple[str, list[tuple[str, str]], list]:
+    """(instance id, [(role, content)], [``extra.response.created`` of each assistant message, or None])."""
     where = f"{path}:{name}"
     try:
         obj = json.loads(data)
@@ -466,7 +476,7 @@ def parse_trajectory(path: str, name: str, data: bytes) -> tuple[str, list[tuple
     msgs = obj.get("messages")
     if not isinstance(msgs, list):
         raise TraceError(f"{where}: missing key \"messages\" (a list)")
-    out = []
+    out, created = [], []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise TraceError(f"{where}: message {i} has no string \"role\"")
@@ -474,10 +484,28 @@ def parse_trajectory(path: str, name: str, data: bytes) -> tuple[str, list[tuple
         if not isinstance(content, str):
             raise TraceError(f"{where}: message {i} content must be a string, got {type(content).__name__}")
         out.append((m["role"], content))
+        if m["role"] == ASSISTANT:
+            extra = m.get("extra")
+            resp = extra.get("response") if isinstance(extra, dict) else None
+            created.append((i, resp.get("created") if isinstance(resp, dict) else None))
     sid = obj.get("instance_id")
     if not isinstance(sid, str) or not sid:
         sid = name.rsplit("/", 1)[-1].removesuffix(".traj.json")
-    return sid, out
+    return sid, out, created
+
+
+def recorded_gaps(where: str, created: Sequence[tuple]) -> list[float]:
+    """Turn gaps (s) between consecutive calls' ``created`` timestamps: ``[0, c1 - c0, ...]``."""
+    gaps, prev = [], None
+    for i, c in created:
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise TraceError(f"{where}: message {i} has no numeric extra.response.created "
+                             f"(needed by --swe-arrivals recorded), got {_jval(c)}")
+        if prev is not None and c < prev:
+            raise TraceError(f"{where}: message {i}: extra.response.created {c} is before the previous call's {prev}")
+        gaps.append(0.0 if prev is None else float(c - prev))
+        prev = c
+    return gaps
 
 
 def dropped_observation_pieces(turns: Sequence[tuple[str, str, str]], keep: int) -> list[tuple]:
@@ -504,7 +532,7 @@ def swe_agent_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
     sessions: list[TextSession] = []
     skipped = 0
     for name, data in read_trajectories(path):
-        sid, msgs = parse_trajectory(path, name, data)
+        sid, msgs, created = parse_trajectory(path, name, data)
         turns = conversation_turns(msgs)
         if len(turns) < opt.min_turns:
             continue
@@ -515,12 +543,15 @@ def swe_agent_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
             turns = turns[: opt.max_turns]
         drop = opt.swe_drop_observations
         pieces = dropped_observation_pieces(turns, drop) if drop is not None else None
-        rng = random.Random(f"{opt.seed}:{sid}")
+        if opt.swe_arrivals == "recorded":
+            gaps = recorded_gaps(f"{path}:{name}", created[: len(turns)])
+        else:
+            rng = random.Random(f"{opt.seed}:{sid}")
+            gaps = [0.0] + [rng.expovariate(1.0 / opt.swe_gap_s) for _ in turns[1:]]
         t = len(sessions) / opt.sps
         out = []
         for k, (new, comp, _) in enumerate(turns):
-            if k > 0:
-                t += rng.expovariate(1.0 / opt.swe_gap_s)
+            t += gaps[k]
             if pieces is None:
                 out.append(TextTurn((new,), comp, t, extend=k > 0))
             else:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from .loaders import LoadOptions, Trace, TraceError, load_trace
+from .loaders import SWE_ARRIVALS, LoadOptions, Trace, TraceError, load_trace
 from .policies import (
     MARCONI_DEFAULT_CONFIG, POLICIES, Budget, PolicyError, PolicyOptions, TraceShape, build_policy, close,
 )
@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut a session at its first request longer than this (prompt + completion; default 32768)")
     t.add_argument("--sps", type=float, default=1.0, help="sessions per second: session i starts at i/sps (default 1)")
     t.add_argument("--seed", type=int, default=0, help="seed of the arrival gaps (default 0)")
+    t.add_argument("--swe-arrivals", choices=SWE_ARRIVALS, default="poisson",
+                   help="swe-agent turn gaps: poisson (exponential, mean 7.5 s, the paper's; default) or recorded "
+                        "(the gaps between the trajectory's recorded call timestamps)")
     t.add_argument("--k", type=int, default=5, help="GSM8K exemplars (default 5)")
     t.add_argument("--swe-drop-observations", type=int, metavar="K",
                    help="swe-agent: keep only the last K observations in each prompt (the paper deleted the "
@@ -447,7 +450,7 @@ def run(args, *, console=None) -> dict:
         skip_sessions=args.skip_sessions, system_prompt=system_prompt,
         sessions=args.sessions, max_turns=args.max_turns, max_tokens=args.max_tokens, min_turns=args.min_turns,
         sps=args.sps, seed=args.seed, k=args.k, tokenizer=args.tokenizer,
-        swe_drop_observations=args.swe_drop_observations,
+        swe_drop_observations=args.swe_drop_observations, swe_arrivals=args.swe_arrivals,
     )
     ui = report.Progress(enabled=not args.no_progress, console=console)
     with ui:
