@@ -174,7 +174,7 @@ def test_infinite_equals_prefix_sharing_bound(tmp_path):
         assert r["hit_tokens"] <= bound
 
 
-def _tiny_swe_tgz(path, n=3, turns=4, seed=0):
+def _tiny_swe_tgz(path, n=3, turns=4, seed=0, created=None):
     rng = random.Random(seed)
     words = "the cache holds a state for every branch of the radix tree and evicts by utility".split()
     with tarfile.open(path, "w:gz") as tf:
@@ -183,6 +183,8 @@ def _tiny_swe_tgz(path, n=3, turns=4, seed=0):
                     {"role": "user", "content": f"<pr_description>\nTask {i}: " + " ".join(rng.choices(words, k=60))}]
             for t in range(turns):
                 msgs.append({"role": "assistant", "content": f"THOUGHT: step {t}\n```bash\nls -la dir{t}\n```"})
+                if created is not None:
+                    msgs[-1]["extra"] = {"response": {"created": created(i, t)}}
                 msgs.append({"role": "user", "content": "<returncode>0</returncode>\n<output>"
                              + " ".join(rng.choices(words, k=rng.randint(20, 80))) + "</output>"})
             body = json.dumps({"instance_id": f"repo__task-{i}", "messages": msgs}).encode()
@@ -210,6 +212,22 @@ def test_same_seed_gives_identical_json(tmp_path):
     c = tmp_path / "c.json"
     assert main(["--trace", spec, "--no-progress", "--json", str(c), *args[:3], "8", *args[4:]]) == 0
     assert json.loads(c.read_text())["trace_summary"]["input_tokens"] == doc["trace_summary"]["input_tokens"]
+
+
+def test_recorded_swe_arrivals_through_the_cli(tmp_path, capsys):
+    args = ["--policies", "marconi,lru", "--no-timing", "--no-progress", "--sweep", "frac=0.3", "--swe-arrivals", "recorded"]
+    bare = _tiny_swe_tgz(tmp_path / "bare.tgz")
+    assert main(["--trace", f"swe-agent:{bare}", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trajs/repo__task-0/repo__task-0.traj.json: message 2 has no numeric extra.response.created" in err
+    assert "\n" not in err
+    # call t of session i at 1000 + 10 i + 3 t**2: gaps 3, 9, 15 s; session i starts at i s
+    tgz = _tiny_swe_tgz(tmp_path / "rec.tgz", created=lambda i, t: 1000 + 10 * i + 3 * t * t)
+    out = tmp_path / "rec.json"
+    assert main(["--trace", f"swe-agent:{tgz}", "--json", str(out), *args]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["trace_summary"]["duration_s"] == 2 + 27  # the last session starts at 2 s, its last call 27 s later
+    assert run_of(doc, "lru")["requests"] == 12
 
 
 def test_parallel_jobs_give_the_same_results(tmp_path):

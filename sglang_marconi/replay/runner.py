@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ap.add_argument_group("policies")
     p.add_argument("--block", type=int, default=32, help="vllm block size in tokens (default 32)")
     p.add_argument("--marconi-config", help="JSON overrides of the marconi policy's config "
-                                            "(default {\"alpha\": \"auto\", \"tuner\": \"inline\"})")
+                                            "(default: the package defaults, with {\"tuner\": \"inline\"} so an α tuner runs synchronously)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                    help="define policy marconi:NAME = the marconi policy with these config overrides "
                         "(repeatable; list marconi:NAME in --policies, or it is appended)")
