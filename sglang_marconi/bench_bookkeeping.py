@@ -80,8 +80,8 @@ def run_one(name: str, stream, kv_budget: int, state_budget: int) -> float:
         drv.run(inp, gen)
     dt = time.perf_counter() - t0
     st = getattr(built.cache, "marconi", None)
-    if st is not None and st.tuner is not None:
-        st.tuner.close()
+    if st is not None:
+        st.close()
     return dt / len(stream)
 
 

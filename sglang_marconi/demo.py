@@ -147,8 +147,7 @@ def main(argv=None) -> int:
         f"evictions: {c['state_evictions']} states, {c['leaf_evictions']} nodes; alpha now {st.alpha:.2f}"
         + (f" (tuned {len(st.tuner.events)}x)" if st.tuner is not None else "")
     )
-    if st.tuner is not None:
-        st.tuner.close()
+    st.close()
     return 0
 
 

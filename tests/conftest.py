@@ -43,5 +43,4 @@ def make_marconi():
 
     yield make
     for built in made:
-        if built.cache.marconi.tuner is not None:
-            built.cache.marconi.tuner.close()
+        built.cache.marconi.close()

@@ -57,9 +57,13 @@ VARIANTS = {
     # the package default (issue 6): α = 0 with the input-end state
     "default": dict(alpha=0.0, input_state=True, tombstones_first=True),
     "density": dict(utility_form="density", input_state=True, density_period=4),
+    # follow the leader with a hair trigger: the live order flips between recency and density all the time
+    "leader": dict(utility_form="leader", input_state=True, tombstones_first=True, density_period=4,
+                   leader_horizon=2, leader_margin=0.0, leader_guard=0.0, leader_hold=0),
 }
 
 OPS_DONE: dict[str, int] = {}
+LEADER_SWITCHES: list = []
 
 POOLS = dict(kv_slots=600, mamba_slots=10, kv_budget=90, state_budget=4)
 
@@ -310,6 +314,8 @@ def _run_ops(make_marconi, variant, ops):
         w.op(kind, seed)
         w.check()
     c = built.cache.marconi.counters
+    if variant == "leader":
+        LEADER_SWITCHES.append(c.leader_switches)
     w.finish()
     OPS_DONE[variant] = OPS_DONE.get(variant, 0) + len(ops)
     return c
@@ -331,6 +337,8 @@ def test_random_operation_sequences(make_marconi, variant):
     # first examples are degenerate: one request repeated)
     assert len(evictions) >= EXAMPLES
     assert sorted(evictions)[len(evictions) // 2] > 50
+    if variant == "leader":  # both orders really evicted
+        assert sum(s > 0 for s in LEADER_SWITCHES) >= EXAMPLES // 2, LEADER_SWITCHES
 
 
 def test_total_operations_at_least_10000():

@@ -36,7 +36,7 @@ REFRESH_MODES = ("deepest", "path")
 STATE_CANDIDATES = ("narrow", "all")
 REPLAY_STARTS = ("warmup", "snapshot")
 RECENCY_KINDS = ("inverse", "linear")
-UTILITY_FORMS = ("sum", "product", "density")
+UTILITY_FORMS = ("sum", "product", "density", "leader")
 DENSITY_VALUES = ("flops", "tokens")
 DENSITY_RANKS = ("dead_first", "full")
 
@@ -55,9 +55,12 @@ _CHOICES = {
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first")
+_NONNEGATIVE_INTS = ("leader_hold",)
 _POSITIVE_INTS = ("window_multiplier", "tuner_max_requests", "warmup_windows", "score_windows", "density_period")
 #: Keys that take null or a number (with its minimum).
 _OPTIONAL_NUMBERS = {"alpha_max": 0.0, "efficiency_horizon": 1e-9, "single_budget_gb": 1e-9}
+#: Keys that take a number (with its minimum).
+_NUMBERS = {"switch_margin": 0.0, "leader_horizon": 1.0, "leader_margin": 0.0}
 
 
 class MarconiConfigError(ValueError):
@@ -80,9 +83,20 @@ class MarconiConfig:
     alpha_max: Optional[float] = None
     #: How nodes are ranked for eviction: "sum" (the paper: norm(recency) +
     #: α·norm(efficiency)), "product" (norm(recency)·(1 + α·norm(efficiency))),
-    #: or "density" (hit density learned from the cache's own hits and
-    #: evictions × value per byte; no α, no tuner: ``policy/hit_density.py``).
+    #: "density" (hit density learned from the cache's own hits and
+    #: evictions × value per byte; no α, no tuner: ``policy/hit_density.py``),
+    #: or "leader" (recency or density, whichever two shadow caches show
+    #: saving more lately: ``policy/leader.py``).
     utility_form: str = "sum"
+    #: ``leader``: the scores decay over this many requests ...
+    leader_horizon: float = 400.0
+    #: ... an order takes over when its shadow leads by this fraction ...
+    leader_margin: float = 0.2
+    #: ... and density hands back to recency when the live cache falls this
+    #: fraction below recency's shadow.
+    leader_guard: float = 0.02
+    #: ``leader``: requests density's lead must hold, in a row, before it takes over.
+    leader_hold: int = 200
     #: ``density``: how the learned density ranks candidates. "full": by
     #: density × value per byte (LHD's rank); "dead_first": states it predicts
     #: are never hit again (density 0: no state of their class was hit at their
@@ -239,6 +253,10 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             if not isinstance(value, bool):
                 raise _err(key, value, "must be true or false")
             out[key] = value
+        elif key in _NONNEGATIVE_INTS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _err(key, value, "must be an integer >= 0")
+            out[key] = value
         elif key in _POSITIVE_INTS:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise _err(key, value, "must be an integer >= 1")
@@ -251,8 +269,12 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise _err(key, value, "must be a built-in profile name or a path to config.json")
             out[key] = value
-        elif key == "switch_margin":
+        elif key in _NUMBERS:
+            out[key] = _number(key, value, minimum=_NUMBERS[key])
+        elif key == "leader_guard":
             out[key] = _number(key, value)
+            if out[key] >= 1.0:
+                raise _err(key, value, "must be in [0, 1)")
         elif key == "density_decay":
             out[key] = _number(key, value)
             if not 0.0 < out[key] <= 1.0:

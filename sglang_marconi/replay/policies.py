@@ -191,8 +191,8 @@ def build_policy(name: str, profile, budget: Optional[Budget], shape: TraceShape
 
 def close(built) -> None:
     st = getattr(built.cache, "marconi", None)
-    if st is not None and st.tuner is not None:
-        st.tuner.close()
+    if st is not None:
+        st.close()
 
 
 __all__ = ["Budget", "POLICIES", "PolicyError", "PolicyOptions", "TraceShape", "build_policy", "close"]

@@ -38,6 +38,8 @@ GAUGES = {
     "marconi_evicted_tokens": "KV tokens evicted",
     "marconi_requests_finished": "finished requests seen by the Marconi cache",
     "marconi_alpha": "current alpha (weight of FLOP efficiency against recency)",
+    "marconi_leader_density": "utility_form leader: 1 while hit density orders evictions, 0 for recency",
+    "marconi_leader_switches": "utility_form leader: changes of eviction order so far",
 }
 
 _KEYS = {
@@ -50,6 +52,7 @@ _KEYS = {
     "marconi_state_evictions": "state_evictions",
     "marconi_leaf_evictions": "leaf_evictions",
     "marconi_evicted_tokens": "evicted_tokens",
+    "marconi_leader_switches": "leader_switches",
 }
 
 
@@ -60,6 +63,7 @@ def snapshot(cache) -> Dict[str, float]:
     out = {name: float(c[key]) for name, key in _KEYS.items()}
     out["marconi_requests_finished"] = float(getattr(cache, "marconi_requests_finished", 0))
     out["marconi_alpha"] = float(st.alpha)
+    out["marconi_leader_density"] = float(st.queue_form == "density" and st.leader is not None)
     return out
 
 

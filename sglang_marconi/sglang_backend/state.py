@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..policy.admission import AdmissionReason
 from ..policy.config import MarconiConfig
 from ..policy.hit_density import HitDensity, state_class
+from ..policy.leader import RECENCY, LeaderSelector
 from ..policy.tuner import AlphaTuner
 from ..policy.utility import Candidate, EvictionQueue
 
@@ -59,6 +60,7 @@ class MarconiCounters:
     state_evictions: int = 0  # SSM states freed (tombstoned or with their leaf)
     leaf_evictions: int = 0  # nodes deleted (their KV freed)
     evicted_tokens: int = 0
+    leader_switches: int = 0  # utility_form "leader": changes of eviction order
     eviction_log: list = field(default_factory=list)  # (pool, node_end, tokens, utility), bounded
 
     def as_dict(self) -> dict[str, Any]:
@@ -72,6 +74,7 @@ class MarconiCounters:
             "state_evictions": self.state_evictions,
             "leaf_evictions": self.leaf_evictions,
             "evicted_tokens": self.evicted_tokens,
+            "leader_switches": self.leader_switches,
         }
 
 
@@ -102,9 +105,27 @@ class MarconiState:
         self.recency_only = tuner is None and config.alpha == 0.0 and config.utility_form in ("sum", "product")
         #: ``tombstones_first`` applies only to that recency order (state pool)
         self.tombstones_first = self.recency_only and config.tombstones_first
+        #: the utility form eviction queues are built with
+        self.queue_form = config.utility_form
         self.hit_density: Optional[HitDensity] = None
-        if config.utility_form == "density":
+        if config.utility_form in ("density", "leader"):
             self.hit_density = HitDensity(config.density_period, config.density_decay)
+        #: ``leader``: which order evicts, decided from the shadow caches
+        #: (``shadows``: a :class:`~sglang_marconi.sglang_backend.shadow.ShadowRunner`, set by the cache)
+        self.leader: Optional[LeaderSelector] = None
+        self.shadows = None
+        self._live_hits_seen = 0
+        if config.utility_form == "leader":
+            self.leader = LeaderSelector(config.leader_horizon, config.leader_margin, config.leader_guard,
+                                         config.leader_hold)
+            self.use_order(RECENCY)
+
+    def use_order(self, order: str) -> None:
+        """``leader``: evict by recency (as the default config does) or by density."""
+        recency = order == RECENCY
+        self.recency_only = recency
+        self.tombstones_first = recency and self.config.tombstones_first
+        self.queue_form = "sum" if recency else "density"
 
     # -- clock and α --------------------------------------------------------
     def tick(self) -> float:
@@ -176,7 +197,7 @@ class MarconiState:
     def eviction_queue(self, cands: list) -> EvictionQueue:
         """The queue one eviction call pops from, under the configured utility."""
         c = self.config
-        return EvictionQueue(cands, self.alpha, self.clock + 1.0, c.utility_form, c.recency,
+        return EvictionQueue(cands, self.alpha, self.clock + 1.0, self.queue_form, c.recency,
                              self.efficiency_horizon_ticks(), self.hit_density, c.density_value, c.density_rank)
 
     def candidate(self, node, *, frees_kv: bool, pool: str = "state") -> Candidate:
@@ -261,3 +282,33 @@ class MarconiState:
         self.requests_finished += 1
         if self.tuner is not None:
             self.tuner.on_request_finished(input_ids, output_ids)
+        if self.shadows is not None:
+            # the live cache's hits since the last finished request (its matches in between)
+            live = self.counters.hit_tokens - self._live_hits_seen
+            self._live_hits_seen = self.counters.hit_tokens
+            self.observe_shadows(self.shadows.submit(input_ids, output_ids, live))
+
+    def close(self) -> None:
+        """Stop the α tuner's and the shadow caches' workers (if any)."""
+        if self.tuner is not None:
+            self.tuner.close()
+        if self.shadows is not None:
+            self.shadows.close()
+
+    def drain_shadows(self, timeout: Optional[float] = None) -> None:
+        """Wait for the shadow caches' queued work and apply it (tests, end of a replay)."""
+        if self.shadows is not None:
+            self.observe_shadows(self.shadows.wait(timeout))
+
+    def observe_shadows(self, results) -> None:
+        """``leader``: the shadows' hits (and the live cache's) for finished requests, in order."""
+        for shadow_hits, live in results:
+            order = self.leader.observe(shadow_hits, live)
+            if order is not None:
+                self.counters.leader_switches += 1
+                self.use_order(order)
+                if order != RECENCY:
+                    tables = self.shadows.density_tables()
+                    if tables is not None:  # start from what density learned evicting by itself
+                        self.hit_density = tables
+                logger.info("marconi: eviction order -> %s after %d requests", order, self.leader.observed)
