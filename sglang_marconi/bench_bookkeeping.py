@@ -10,7 +10,10 @@ through the same scheduler-shaped driver against:
   components on its Rust tree core (what a server uses by default);
 * ``sglang-python`` — the same on SGLang's Python tree core;
 * ``marconi-default`` — MarconiRadixCache (Python tree core, as every custom
-  component is) with the package defaults (α = 0, input-end state);
+  component is) with the package defaults (follow the leader: recency with the
+  input-end state, two shadow caches in a background process);
+* ``marconi-recency`` — the leader's base order alone (``utility_form: "sum"``,
+  α = 0), no shadows;
 * ``marconi-fixed`` — the same with α = 1 and no input-end state (the FLOP-aware
   utility, two states per request at most as before);
 * ``marconi-auto``  — α auto-tuned in a separate process, no input-end state:
@@ -49,6 +52,7 @@ def request_stream(n: int, seed: int = 0):
 
 MARCONI_CONFIGS = {
     "marconi-default": {},
+    "marconi-recency": {"utility_form": "sum"},
     "marconi-fixed": {"alpha": 1.0, "input_state": False},
     "marconi-auto": {"alpha": "auto", "input_state": False},
 }

@@ -564,9 +564,12 @@ def test_default_config_input_end_state_hand_computed(make_marconi):
     from sglang_marconi.policy.config import MarconiConfig
 
     default = MarconiConfig()
-    built, drv = make_marconi(input_state=default.input_state, tombstones_first=default.tombstones_first)
+    built, drv = make_marconi(input_state=default.input_state, tombstones_first=default.tombstones_first,
+                              utility_form=default.utility_form)
     assert default.alpha == 0.0
     st = built.cache.marconi
+    # the leader starts on recency (and stays there: too few requests for any lead to hold)
+    assert default.utility_form == "leader" and st.leader.current == "recency" and st.recency_only
     r1_in, r1_out = toks(1000, 20), toks(5000, 5)
     r2_in, r2_out = toks(2000, 10), toks(6000, 3)
     drv.run(r1_in, r1_out)  # committed 24: states at 20 (input end) and 24 (last token)
@@ -592,6 +595,7 @@ def test_default_config_input_end_state_hand_computed(make_marconi):
     res = evict_tokens(built, 1)
     assert res.num_tokens_evicted == 10 and not live(built, in2)
     assert live(built, last1) and has_state(last1)
+    assert st.leader.current == "recency" and st.leader.observed == 2
 
 
 def _mp(tokens):

@@ -170,6 +170,24 @@ def test_off_thread_shadows_give_the_inline_results(make_marconi, mode):
         off.close()
 
 
+def test_a_slow_worker_skips_requests_instead_of_queueing_without_bound(make_marconi, monkeypatch, caplog):
+    from sglang_marconi.sglang_backend import shadow
+
+    monkeypatch.setattr(shadow, "MAX_PENDING", 3)
+    built, _ = make_marconi(**POOLS, **BASE, utility_form="leader", tuner="thread")
+    runner = built.cache.marconi.shadows
+    gate = __import__("threading").Event()
+    monkeypatch.setattr(shadow, "_feed_batch", lambda key, spec, batch: (gate.wait(30), ([], None))[1])
+    reqs = _requests(4, n=6)
+    for k, (i, o) in enumerate(reqs):  # the first goes to the (blocked) worker, 3 queue, 2 are skipped
+        runner.submit(i, o, k)
+    assert runner.dropped == 2 and len(runner._pending) == 3
+    assert "fell 3 requests behind" in caplog.text
+    gate.set()
+    runner.wait(timeout=30)
+    assert not runner._pending
+
+
 def test_a_failing_shadow_job_keeps_serving(make_marconi, monkeypatch, caplog):
     from sglang_marconi.sglang_backend import shadow
 

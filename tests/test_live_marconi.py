@@ -199,6 +199,9 @@ def test_prometheus_metrics_and_log_line(servers, runs):
         assert name in vals
     log = srv.log_path.read_text(errors="replace")
     assert re.search(rf"marconi: requests={n} matches=\d+ state_hits=[1-9]", log), srv.log_tail()
+    # α 0.5 selects the α utility: no leader, order stays recency-based
+    assert vals["marconi_leader_density"] == 0 and vals["marconi_leader_switches"] == 0
+    assert re.search(r"alpha=0\.500 order=recency leader_switches=0", log), srv.log_tail()
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -302,7 +302,12 @@ def test_parse_config_defaults():
     # the default (issue 6): recency ranks evictions (α = 0, no tuner), and the
     # input's end is checkpointed when a request creates no branch point
     assert cfg.alpha == 0.0 and not cfg.auto_alpha and cfg.input_state and cfg.tombstones_first
-    assert cfg.refresh == cfg.kv_refresh == "deepest" and cfg.utility_form == "sum"
+    assert cfg.refresh == cfg.kv_refresh == "deepest" and cfg.utility_form == "leader"
+    assert (cfg.leader_horizon, cfg.leader_margin, cfg.leader_guard, cfg.leader_hold) == (400.0, 0.2, 0.02, 200)
+    # α other than 0 selects the α utility unless the form is given
+    assert parse_config({"alpha": "auto"}).utility_form == parse_config({"alpha": 1}).utility_form == "sum"
+    assert parse_config({"alpha": 0}).utility_form == "leader"
+    assert parse_config({"alpha": 1, "utility_form": "product"}).utility_form == "product"
     assert cfg.alpha_grid == DEFAULT_ALPHA_GRID == (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     assert cfg.warm_start and cfg.confirm and cfg.retune
     assert cfg.switch_margin == 0.02 and cfg.score_decay == 0.8
@@ -310,6 +315,7 @@ def test_parse_config_defaults():
     assert paper.alpha_grid == PAPER_ALPHA_GRID and len(PAPER_ALPHA_GRID) == 21 and PAPER_ALPHA_GRID[-1] == 2.0
     assert not paper.retune and not paper.warm_start and not paper.confirm
     assert paper.auto_alpha and not paper.input_state and not paper.tombstones_first
+    assert paper.utility_form == "sum"
     assert paper.switch_margin == 0.0 and paper.score_decay == 0.0
     # explicit keys win over the paper's tuner defaults
     assert parse_config({"variant": "paper", "retune": True, "alpha_grid": [0, 1]}).retune is True

@@ -28,7 +28,7 @@ VARIANTS = ("marconi", "paper")
 #: and its tuner (α auto, tuned once, on the first window after the first
 #: eviction, scored from a cold start, no memory or hysteresis, grid 0..2 step
 #: 0.1) unless the keys are given explicitly.
-PAPER_TUNER_DEFAULTS = {"alpha": None, "input_state": False, "tombstones_first": False, "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
+PAPER_TUNER_DEFAULTS = {"alpha": None, "utility_form": "sum", "input_state": False, "tombstones_first": False, "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
                         "alpha_grid": PAPER_ALPHA_GRID}
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
@@ -87,7 +87,10 @@ class MarconiConfig:
     #: evictions × value per byte; no α, no tuner: ``policy/hit_density.py``),
     #: or "leader" (recency or density, whichever two shadow caches show
     #: saving more lately: ``policy/leader.py``).
-    utility_form: str = "sum"
+    #: Default "leader" (issue 6, round 4). A config that sets ``alpha`` to
+    #: anything but 0 without ``utility_form`` gets "sum" (α is read by the sum
+    #: and product forms only).
+    utility_form: str = "leader"
     #: ``leader``: the scores decay over this many requests ...
     leader_horizon: float = 400.0
     #: ... an order takes over when its shadow leads by this fraction ...
@@ -286,4 +289,6 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
     if out.get("variant") == "paper":  # the paper's tuner too, unless a key says otherwise
         for key, value in PAPER_TUNER_DEFAULTS.items():
             out.setdefault(key, value)
+    if "alpha" in out and out["alpha"] != 0.0:  # α weighs the sum/product utility
+        out.setdefault("utility_form", "sum")
     return MarconiConfig(**out)

@@ -70,7 +70,8 @@ def snapshot(cache) -> Dict[str, float]:
 def log_line(values: Dict[str, float]) -> str:
     return (
         "marconi: requests=%d matches=%d state_hits=%d hit_tokens=%d branch_checkpoints=%d "
-        "last_token_checkpoints=%d input_end_checkpoints=%d state_evictions=%d leaf_evictions=%d evicted_tokens=%d alpha=%.3f"
+        "last_token_checkpoints=%d input_end_checkpoints=%d state_evictions=%d leaf_evictions=%d evicted_tokens=%d alpha=%.3f "
+        "order=%s leader_switches=%d"
         % (
             values["marconi_requests_finished"],
             values["marconi_matches"],
@@ -83,6 +84,8 @@ def log_line(values: Dict[str, float]) -> str:
             values["marconi_leaf_evictions"],
             values["marconi_evicted_tokens"],
             values["marconi_alpha"],
+            "density" if values["marconi_leader_density"] else "recency",
+            values["marconi_leader_switches"],
         )
     )
 

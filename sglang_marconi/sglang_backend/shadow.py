@@ -30,6 +30,10 @@ from .tuning import TunerSpec, build_marconi_cache
 
 logger = logging.getLogger("sglang_marconi")
 
+#: Off-thread: finished requests queued while a batch runs, at most (a worker
+#: that falls this far behind skips requests, counted and logged once).
+MAX_PENDING = 4096
+
 
 def expert_configs(spec: TunerSpec) -> dict:
     """The live config with each order's eviction (and no tuner of its own)."""
@@ -99,6 +103,7 @@ class ShadowRunner:
         self._sent: list = []  # live hits of the batch in flight
         self._tables = None  # the density shadow's HitDensity after the last batch
         self.failures = 0
+        self.dropped = 0
 
     def submit(self, input_ids: Sequence[int], output_ids: Sequence[int], live_hit: int) -> list:
         """Queue one finished request; returns the (shadow hits, live hit) pairs now available, in order."""
@@ -106,7 +111,13 @@ class ShadowRunner:
             if self._inline is None:
                 self._inline = ShadowCaches(self.spec)
             return [(self._inline.feed(input_ids, output_ids), live_hit)]
-        self._pending.append((tuple(input_ids), tuple(output_ids), live_hit))
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            if self.dropped == 1:
+                logger.warning("marconi: shadow caches fell %d requests behind; skipping requests until they catch up",
+                               MAX_PENDING)
+        else:
+            self._pending.append((tuple(input_ids), tuple(output_ids), live_hit))
         return self.poll()
 
     def poll(self) -> list:
