@@ -125,6 +125,7 @@ def test_leader_switches_and_reports(make_marconi):
     vals = metrics.snapshot(built.cache)
     assert vals["marconi_leader_switches"] == st.leader.switches
     assert vals["marconi_leader_density"] == float(st.leader.current == DENSITY)
+    assert vals["marconi_leader_replayed"] == len(reqs)
 
 
 def test_switching_to_density_adopts_the_shadows_tables(make_marconi):

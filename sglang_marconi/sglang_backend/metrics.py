@@ -40,6 +40,7 @@ GAUGES = {
     "marconi_alpha": "current alpha (weight of FLOP efficiency against recency)",
     "marconi_leader_density": "utility_form leader: 1 while hit density orders evictions, 0 for recency",
     "marconi_leader_switches": "utility_form leader: changes of eviction order so far",
+    "marconi_leader_replayed": "utility_form leader: finished requests the shadow caches have replayed so far",
 }
 
 _KEYS = {
@@ -64,6 +65,7 @@ def snapshot(cache) -> Dict[str, float]:
     out["marconi_requests_finished"] = float(getattr(cache, "marconi_requests_finished", 0))
     out["marconi_alpha"] = float(st.alpha)
     out["marconi_leader_density"] = float(st.queue_form == "density" and st.leader is not None)
+    out["marconi_leader_replayed"] = float(st.leader.observed if st.leader is not None else 0)
     return out
 
 
