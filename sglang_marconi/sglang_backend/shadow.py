@@ -26,6 +26,7 @@ import multiprocessing
 from typing import Optional, Sequence
 
 from ..policy.leader import DENSITY, RECENCY
+from ..policy.tuner import _background_priority
 from .tuning import TunerSpec, build_marconi_cache
 
 logger = logging.getLogger("sglang_marconi")
@@ -78,15 +79,6 @@ def _feed_batch(key: int, spec: TunerSpec, batch: Sequence[tuple]) -> list:
     except Exception:
         _WORKER_SHADOWS.pop(key, None)  # start over from empty shadows
         raise
-
-
-def _background_priority() -> None:
-    import os
-
-    try:
-        os.nice(19)
-    except OSError:
-        pass
 
 
 class ShadowRunner:
