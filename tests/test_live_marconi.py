@@ -253,6 +253,32 @@ def test_malformed_requests_get_errors_and_server_keeps_serving(servers, tok):
     assert srv.proc.poll() is None
 
 
+def test_default_config_runs_its_shadow_caches_in_the_server(model, tok, tmp_path):
+    """No config: the leader's two shadow caches replay finished requests in a
+    background process of the live server (the gauge counts what they replayed)."""
+    srv = launch.start_server(model, log_path=tmp_path / "default.log", ready_timeout=300,
+                              extra=COMMON + ["--radix-cache-backend", "marconi", "--enable-metrics"])
+    try:
+        ids = tok(SYSTEM + QUESTIONS[0])["input_ids"]
+        deadline = time.monotonic() + 240
+        vals = {}
+        n = 0
+        while time.monotonic() < deadline:  # results come back on later requests' finish
+            out = launch.generate(srv, ids, max_new_tokens=2)["output_ids"]
+            ids = ids + out + tok(" user: more")["input_ids"]
+            n += 1
+            vals = _scrape(srv)
+            if vals.get("marconi_leader_replayed", 0) >= 2:
+                break
+            time.sleep(1.0)
+        assert vals.get("marconi_leader_replayed", 0) >= 2, (n, vals, srv.log_tail())
+        assert vals["marconi_leader_density"] == 0  # far from 200 requests of lead
+        assert vals["marconi_state_hits"] > 0
+        assert "shadow caches failed" not in srv.log_path.read_text(errors="replace")
+    finally:
+        srv.stop()
+
+
 def test_invalid_backend_option_refuses_to_start(model, tmp_path):
     t0 = time.monotonic()
     r = launch.run_server_to_exit(
