@@ -153,6 +153,7 @@ def test_switching_to_density_adopts_the_shadows_tables(make_marconi):
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_off_thread_shadows_give_the_inline_results(make_marconi, mode):
+    from sglang_marconi.sglang_backend import shadow
     from sglang_marconi.sglang_backend.shadow import ShadowRunner
 
     reqs = _requests(7, n=30)
@@ -169,6 +170,7 @@ def test_off_thread_shadows_give_the_inline_results(make_marconi, mode):
         assert got == want and len(got) == len(reqs)
     finally:
         off.close()
+    assert off.key not in shadow._WORKER_SHADOWS  # nothing left behind in this process
 
 
 def test_a_slow_worker_skips_requests_instead_of_queueing_without_bound(make_marconi, monkeypatch, caplog):

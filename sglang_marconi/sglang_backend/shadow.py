@@ -159,3 +159,4 @@ class ShadowRunner:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        _WORKER_SHADOWS.pop(self.key, None)  # thread mode keeps them in this process
