@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -160,7 +161,7 @@ def test_off_thread_shadows_give_the_inline_results(make_marconi, mode):
     built, _ = make_marconi(**POOLS, **BASE, utility_form="leader")
     inline = built.cache.marconi.shadows
     spec = inline.spec
-    off = ShadowRunner(type(spec)(**{**spec.__dict__, "config": parse_config({**spec.config.to_dict(), "tuner": mode})}))
+    off = ShadowRunner(dataclasses.replace(spec, config=dataclasses.replace(spec.config, tuner=mode)))
     try:
         want, got = [], []
         for k, (i, o) in enumerate(reqs):

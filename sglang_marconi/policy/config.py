@@ -55,8 +55,9 @@ _CHOICES = {
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first")
-_NONNEGATIVE_INTS = ("leader_hold",)
-_POSITIVE_INTS = ("window_multiplier", "tuner_max_requests", "warmup_windows", "score_windows", "density_period")
+#: Keys that take an integer (with its minimum).
+_INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
+         "leader_hold": 0}
 #: Keys that take null or a number (with its minimum).
 _OPTIONAL_NUMBERS = {"alpha_max": 0.0, "efficiency_horizon": 1e-9, "single_budget_gb": 1e-9}
 #: Keys that take a number (with its minimum).
@@ -70,10 +71,10 @@ class MarconiConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class MarconiConfig:
     #: Weight of FLOP efficiency against recency; ``None`` = tuned online ("auto").
-    #: Default 0: recency (deepest-node refresh) ranks evictions; with
-    #: ``input_state`` and ``tombstones_first`` it is the only variant measured
-    #: that is never below LRU across trace x budget x arrival seed
-    #: (BENCHMARKS.md, issue 6).
+    #: Default 0: recency (deepest-node refresh), the leader's base order (with
+    #: ``input_state`` and ``tombstones_first``: never below LRU across trace x
+    #: budget x arrival seed, BENCHMARKS.md issue 6); read only by the sum and
+    #: product forms.
     alpha: Optional[float] = 0.0
     #: Tuning window = window_multiplier x (requests seen before the first eviction).
     window_multiplier: int = 5
@@ -256,13 +257,9 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             if not isinstance(value, bool):
                 raise _err(key, value, "must be true or false")
             out[key] = value
-        elif key in _NONNEGATIVE_INTS:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise _err(key, value, "must be an integer >= 0")
-            out[key] = value
-        elif key in _POSITIVE_INTS:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _err(key, value, "must be an integer >= 1")
+        elif key in _INTS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < _INTS[key]:
+                raise _err(key, value, f"must be an integer >= {_INTS[key]}")
             out[key] = value
         elif key in _OPTIONAL_NUMBERS:
             out[key] = None if value is None else _number(key, value, minimum=_OPTIONAL_NUMBERS[key])

@@ -67,6 +67,15 @@ def _background_priority() -> None:
         pass
 
 
+def one_worker_executor(mode: str, thread_name: str) -> cf.Executor:
+    """The one-worker executor background replays run on: a spawned process at the
+    lowest CPU priority (``"process"``) or a thread (``"thread"``)."""
+    if mode == "process":
+        return cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_background_priority)
+    return cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+
+
 def best_alpha(scores: dict[float, float]) -> float:
     """α with the most FLOPs saved; ties go to the smaller α."""
     return min(scores, key=lambda a: (-scores[a], a))
@@ -175,12 +184,7 @@ class AlphaTuner:
             self._finish(meta, scores)
             return
         if self._executor is None:
-            if self.config.tuner == "process":
-                self._executor = cf.ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_background_priority
-                )
-            else:
-                self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="marconi-tuner")
+            self._executor = one_worker_executor(self.config.tuner, "marconi-tuner")
         self._future = self._executor.submit(self.replay_fn, self.spec, warmup, window, alphas, *extra)
         self._future_meta = meta
 

@@ -22,11 +22,10 @@ import concurrent.futures as cf
 import copy
 import dataclasses
 import logging
-import multiprocessing
 from typing import Optional, Sequence
 
 from ..policy.leader import DENSITY, RECENCY
-from ..policy.tuner import _background_priority
+from ..policy.tuner import one_worker_executor
 from .tuning import TunerSpec, build_marconi_cache
 
 logger = logging.getLogger("sglang_marconi")
@@ -126,12 +125,7 @@ class ShadowRunner:
             self._sent = []
         if self._future is None and self._pending:
             if self._executor is None:
-                if self.mode == "process":
-                    self._executor = cf.ProcessPoolExecutor(
-                        max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                        initializer=_background_priority)
-                else:
-                    self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="marconi-shadow")
+                self._executor = one_worker_executor(self.mode, "marconi-shadow")
             batch = [(i, o) for i, o, _ in self._pending]
             self._sent = [h for _, _, h in self._pending]
             self._pending = []
