@@ -98,7 +98,7 @@ class MarconiConfig:
     leader_margin: float = 0.2
     #: ... and density hands back to recency when the live cache falls this
     #: fraction below recency's shadow.
-    leader_guard: float = 0.02
+    leader_guard: float = 0.05
     #: ``leader``: requests density's lead must hold, in a row, before it takes over.
     leader_hold: int = 200
     #: ``density``: how the learned density ranks candidates. "full": by

@@ -42,7 +42,7 @@ EXPERTS = (RECENCY, DENSITY)
 class LeaderSelector:
     horizon: float = 400.0  #: requests: the decay of the scores
     margin: float = 0.2  #: the lead that switches orders
-    guard: float = 0.02  #: how far the live cache may fall below recency's shadow while on density
+    guard: float = 0.05  #: how far the live cache may fall below recency's shadow while on density
     hold: int = 200  #: requests density's lead must hold, in a row, before it takes over
     current: str = RECENCY
     scores: dict = field(default_factory=lambda: {RECENCY: 0.0, DENSITY: 0.0})
