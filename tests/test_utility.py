@@ -303,7 +303,7 @@ def test_parse_config_defaults():
     # input's end is checkpointed when a request creates no branch point
     assert cfg.alpha == 0.0 and not cfg.auto_alpha and cfg.input_state and cfg.tombstones_first
     assert cfg.refresh == cfg.kv_refresh == "deepest" and cfg.utility_form == "leader"
-    assert (cfg.leader_horizon, cfg.leader_margin, cfg.leader_guard, cfg.leader_hold) == (400.0, 0.2, 0.02, 200)
+    assert (cfg.leader_horizon, cfg.leader_margin, cfg.leader_guard, cfg.leader_hold) == (400.0, 0.2, 0.05, 200)
     # α other than 0 selects the α utility unless the form is given
     assert parse_config({"alpha": "auto"}).utility_form == parse_config({"alpha": 1}).utility_form == "sum"
     assert parse_config({"alpha": 0}).utility_form == "leader"
