@@ -415,6 +415,13 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"recency": "log"}, "recency"),
         ({"score_windows": 0}, "score_windows"),
         ({"efficiency_horizon": 0}, "efficiency_horizon"),
+        ({"leader_horizon": 0.5}, "leader_horizon"),
+        ({"leader_margin": -0.1}, "leader_margin"),
+        ({"leader_guard": 1.0}, "leader_guard"),
+        ({"leader_guard": "x"}, "leader_guard"),
+        ({"leader_hold": -1}, "leader_hold"),
+        ({"leader_hold": 1.5}, "leader_hold"),
+        ({"utility_form": "leaders"}, "utility_form"),
     ],
 )
 def test_parse_config_rejects_bad_key_or_value(raw, key):
