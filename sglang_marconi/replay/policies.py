@@ -136,7 +136,9 @@ def build_policy(name: str, profile, budget: Optional[Budget], shape: TraceShape
     if name == "infinite":
         kv_slots = shape.stream_tokens + KV_MARGIN
         mamba_slots = shape.requests + STATE_HEADROOM
-        built = _marconi(kv_slots, mamba_slots, {"alpha": 0.0, "tuner": "inline"}, profile, None, None, None)
+        # nothing is ever evicted, so the eviction order is moot: plain recency, no leader shadows
+        built = _marconi(kv_slots, mamba_slots, {"alpha": 0.0, "utility_form": "sum", "tuner": "inline"}, profile,
+                         None, None, None)
         drv = CacheDriver(built, admission=OracleAdmission())
         info.update(kv_slots=kv_slots, mamba_slots=mamba_slots, admission="oracle")
         return built, drv, info
