@@ -4,7 +4,8 @@ The trace replay, the α tuner, the demo and the tests all need a hybrid
 (FULL + MAMBA) radix cache without a model runner. This module builds exactly
 what ``kv_cache_builder`` builds in the scheduler — ``HybridReqToTokenPool``
 (with its ``MambaPool``), ``HybridLinearKVPool`` and a
-``TokenToKVPoolAllocator`` — on any device, CPU included.
+``TokenToKVPoolAllocator`` (with frees queued until an alloc needs them, see
+``DeferredFreeAllocator``) — on any device, CPU included.
 
 Slot *counts* are what decide caching behaviour; slot *sizes* only decide how
 many slots a byte budget buys. So the pools are sized by slot count and given
@@ -16,6 +17,7 @@ counts with a cost profile's real per-slot sizes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 _SERVER_ARGS_SET = False
@@ -60,6 +62,62 @@ def _ensure_server_args(page_size: int) -> None:
     _SERVER_ARGS_SET = True
 
 
+@functools.lru_cache(maxsize=None)
+def _deferred_free_allocator_class():
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+
+    class DeferredFreeAllocator(TokenToKVPoolAllocator):
+        """SGLang's ``TokenToKVPoolAllocator`` with frees queued until an alloc needs them.
+
+        ``TokenToKVPoolAllocator.free`` appends with ``torch.cat``, which copies the
+        whole free list on every free: nothing on a GPU, but O(pool) per free on a CPU
+        replay whose infinite-cache pool holds tens of millions of slots (quadratic in
+        the trace). Here a free queues a copy of the indices (the caller may reuse its
+        view, as the ``free_group`` path also guards against) and the queue is joined,
+        in order, only when the free list's front runs short — so every alloc returns
+        exactly the slots SGLang's allocator would, in the same order.
+        """
+
+        def clear(self):
+            super().clear()
+            self._queued: list = []
+            self._queued_n = 0
+
+        def available_size(self):
+            return super().available_size() + self._queued_n
+
+        def free(self, free_index):
+            if free_index.numel() == 0:
+                return
+            if self.free_group is not None or self.need_sort:
+                super().free(free_index)
+                return
+            self._queued.append(self._copy_for_free_group(free_index))
+            self._queued_n += free_index.numel()
+
+        def _join_queued(self) -> None:
+            if self._queued:
+                import torch
+
+                self.free_pages = torch.cat((self.free_pages, *self._queued))
+                self._queued, self._queued_n = [], 0
+
+        def alloc(self, need_size: int):
+            if need_size > len(self.free_pages):
+                self._join_queued()
+            return super().alloc(need_size)
+
+        def get_all_free_pages(self):
+            self._join_queued()
+            return super().get_all_free_pages()
+
+        def merge_and_sort_free(self):
+            self._join_queued()
+            super().merge_and_sort_free()
+
+    return DeferredFreeAllocator
+
+
 @dataclasses.dataclass
 class BuiltCache:
     cache: object  # UnifiedRadixCache (or a subclass)
@@ -95,7 +153,6 @@ def build_hybrid_cache(
 
     from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateShape
     from sglang.srt.environ import envs
-    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool, HybridReqToTokenPool
     from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
@@ -137,7 +194,7 @@ def build_hybrid_cache(
         enable_memory_saver=False,
         mamba_pool=req_to_token_pool.mamba_pool,
     )
-    allocator = TokenToKVPoolAllocator(
+    allocator = _deferred_free_allocator_class()(
         size=kv_slots,
         dtype=torch.float16,
         device=device,
