@@ -76,11 +76,12 @@ def run_one(name: str, stream, kv_budget: int, state_budget: int) -> tuple[float
             kv_slots=kv_slots, mamba_slots=state_budget + 4,
             config=parse_config({**knobs, "tuner": "process"}),
             profile=builtin_profile("paper-7b"), kv_budget=kv_budget, state_budget=state_budget,
+            deferred_frees=False,  # the live cache runs on SGLang's own allocator
         )
     else:
         built = build_hybrid_cache(
             kv_slots=kv_slots, mamba_slots=state_budget + 4,
-            tree_core_backend="rust" if name == "sglang-rust" else "python",
+            tree_core_backend="rust" if name == "sglang-rust" else "python", deferred_frees=False,
         )
         assert built.cache._tree_core_backend == ("rust" if name == "sglang-rust" else "python")
     drv = CacheDriver(built, kv_budget=kv_budget, state_budget=state_budget)

@@ -83,3 +83,8 @@ def test_built_cache_uses_the_deferred_allocator_and_free_group_still_works():
     alloc.free_group_end()
     assert alloc.available_size() == 20
     assert torch.equal(alloc.alloc(20), got[:20])
+
+
+def test_stock_allocator_on_request():
+    built = build_hybrid_cache(kv_slots=50, mamba_slots=4, deferred_frees=False)
+    assert type(built.kv_allocator) is TokenToKVPoolAllocator

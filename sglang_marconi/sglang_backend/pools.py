@@ -142,12 +142,14 @@ def build_hybrid_cache(
     component_registry_override: Optional[dict] = None,
     tree_core_backend: str = "python",
     enable_mamba_extra_buffer: bool = False,
+    deferred_frees: bool = True,
 ) -> BuiltCache:
     """Build a FULL + MAMBA ``UnifiedRadixCache`` (or ``cache_class``) with real pools.
 
     ``mamba_slots`` counts the slots the tree may hold; one more slot per running
     request is added, as SGLang's ``HybridReqToTokenPool`` sizing does for the
-    requests' own working states.
+    requests' own working states. ``deferred_frees=False`` keeps SGLang's stock KV
+    allocator (what a live server's cache runs on; the bookkeeping benchmark uses it).
     """
     import torch
 
@@ -194,7 +196,10 @@ def build_hybrid_cache(
         enable_memory_saver=False,
         mamba_pool=req_to_token_pool.mamba_pool,
     )
-    allocator = _deferred_free_allocator_class()(
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+
+    allocator_class = _deferred_free_allocator_class() if deferred_frees else TokenToKVPoolAllocator
+    allocator = allocator_class(
         size=kv_slots,
         dtype=torch.float16,
         device=device,

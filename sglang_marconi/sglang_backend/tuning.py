@@ -41,9 +41,10 @@ def build_marconi_cache(
     byte_budget: Optional[int] = None,
     device: str = "cpu",
     shape: PoolShape = PoolShape(),
+    deferred_frees: bool = True,
 ) -> BuiltCache:
     """A MarconiRadixCache on real SGLang pools, with its tuner wired to replay
-    on a copy of the same shape."""
+    on a copy of the same shape (``deferred_frees``: see ``build_hybrid_cache``)."""
     from .cache import MarconiRadixCache
 
     spec = TunerSpec(kv_slots, mamba_slots, config, profile, kv_budget, state_budget, byte_budget)
@@ -52,7 +53,8 @@ def build_marconi_cache(
         return MarconiRadixCache(params, config=config, profile=profile, tuner_spec=spec)
 
     return build_hybrid_cache(
-        kv_slots=kv_slots, mamba_slots=mamba_slots, device=device, shape=shape, cache_class=cache_class
+        kv_slots=kv_slots, mamba_slots=mamba_slots, device=device, shape=shape, cache_class=cache_class,
+        deferred_frees=deferred_frees,
     )
 
 
