@@ -231,3 +231,84 @@ def test_dead_first_rank_is_recency_among_live_states():
     assert [q.pop().key for _ in range(3)] == ["dead-young", "live-old-valuable", "live-young-cheap"]
     q = EvictionQueue(cands, 0.0, now, "density", density=hd, density_rank="full")
     assert [q.pop().key for _ in range(3)] == ["dead-young", "live-young-cheap", "live-old-valuable"]
+
+
+def _edit_history_session(drv, base, fillers=0):
+    """An agent turn that edits its history: three requests on one 300-token
+    prefix. The 2nd branches off the 1st there (a new state at 300, never hit
+    yet); the 3rd, after ``fillers`` one-shot requests, hits that state once.
+    Returns the three inputs."""
+    prefix = toks(base, 300)
+    reqs = [prefix + toks(base + 1000 * (k + 1), 40) for k in range(3)]
+    for k, r in enumerate(reqs):
+        if k == 2:
+            for f in range(fillers):
+                drv.run(toks(base + 5000 + 100 * f, 20), [1])
+        drv.run(r, [1])
+    return reqs
+
+
+def test_density_reuse_class_evicts_a_branch_state_once_hit(make_marconi):
+    """Branch states that are hit once and never again (history edits): with
+    ``density_reuse`` the learned rank evicts the young, already-hit branch state
+    before an older branch state that was not hit yet (LRU and the rank without
+    the reuse split keep both in one class, ordered by age)."""
+    built, drv = make_marconi(kv_slots=1 << 16, mamba_slots=256, utility_form="density", density_period=8,
+                              density_reuse=True)
+    st = built.cache.marconi
+    for i in range(24):
+        _edit_history_session(drv, 10_000 * (i + 1), fillers=6)
+        built.cache.evict(EvictParams(num_tokens=0, mamba_num=6))
+    assert st.hit_density.learned
+    built.cache.evict(EvictParams(num_tokens=10**9, mamba_num=10**9))
+    assert _state_nodes(built) == []
+    not_hit_yet = toks(10_000 * 40, 300)
+    drv.run(not_hit_yet + toks(10_000 * 40 + 1000, 40), [1])
+    drv.run(not_hit_yet + toks(10_000 * 40 + 2000, 40), [1])  # a branch state at 300, not hit
+    hit_once = _edit_history_session(drv, 10_000 * 41)[0][:300]  # its branch state hit once, just now
+    branch = {tuple(_path(built, n)): n for n in _state_nodes(built) if st.node_end(n) == 300}
+    assert set(branch) == {tuple(not_hit_yet), tuple(hit_once)}
+    assert st.state_class(branch[tuple(hit_once)]) == state_class(300, True, reused=True)
+    assert st.state_class(branch[tuple(not_hit_yet)]) == state_class(300, True, reused=False)
+    # the state pool's rank of the two branch states (as an eviction call scores them)
+    nodes = [branch[tuple(hit_once)], branch[tuple(not_hit_yet)]]
+    q = st.eviction_queue([st.candidate(n, frees_kv=False) for n in nodes])
+    assert q.pop().key is branch[tuple(hit_once)]
+    # LRU order (and one merged class, ranked by age) would evict the older one first
+    assert branch[tuple(not_hit_yet)].marconi_t < branch[tuple(hit_once)].marconi_t
+
+
+def test_density_reuse_bookkeeping_through_the_cache(make_marconi):
+    """A hit is recorded under the class the state had (never hit), then the state
+    moves to the reused class; a state re-admitted at the same node starts fresh;
+    without ``density_reuse`` the class never changes."""
+    for reuse in (True, False):
+        built, drv = make_marconi(kv_slots=1 << 16, mamba_slots=256, utility_form="density", density_period=1000,
+                                  density_reuse=reuse, state_candidates="all")
+        st = built.cache.marconi
+        hd = st.hit_density
+        prefix = toks(50_000, 300)
+        drv.run(prefix + toks(60_000, 40), [1])
+        drv.run(prefix + toks(61_000, 40), [1])  # branch state at 300
+        (node,) = [n for n in _state_nodes(built) if st.node_end(n) == 300]
+        fresh = state_class(300, True, reused=False)
+        assert st.state_class(node) == fresh
+        drv.run(prefix + toks(62_000, 40), [1])  # hits it
+        assert sum(hd._hits[fresh]) == 1.0
+        assert st.state_class(node) == state_class(300, True, reused=reuse)
+        # free only that state (the leaves locked), then re-admit one there
+        leaves = [n for n in _state_nodes(built) if n is not node]
+        locks = [(n, built.cache.inc_lock_ref(n.id).to_dec_params()) for n in leaves]
+        built.cache.evict(EvictParams(num_tokens=0, mamba_num=1))
+        assert node not in _state_nodes(built) and node.parent is not None  # a tombstone, still in the tree
+        for n, lock in locks:
+            built.cache.dec_lock_ref(n.id, lock)
+        drv.run(prefix + toks(63_000, 40), [1])  # branch point at 300 again: a new state there
+        (again,) = [n for n in _state_nodes(built) if st.node_end(n) == 300]
+        assert again is node and st.state_class(again) == fresh
+
+
+def test_state_class_reuse_adds_classes_and_keeps_the_others():
+    assert state_class(300, True, reused=False) == state_class(300, True)
+    ids = {state_class(e, c, r) for e in (1, 300, 10**9) for c in (False, True) for r in (False, True)}
+    assert len(ids) == 12

@@ -54,7 +54,7 @@ _CHOICES = {
     "density_rank": DENSITY_RANKS,
     "tuner": TUNER_MODES,
 }
-_BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first")
+_BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", "density_reuse")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "leader_hold": 0}
@@ -108,6 +108,9 @@ class MarconiConfig:
     density_rank: str = "full"
     #: ``density``: what a hit is worth, "flops" (prefill FLOPs saved) or "tokens".
     density_value: str = "flops"
+    #: ``density``: classes also split states hit before from states never hit
+    #: since they were admitted (``policy/hit_density.py``).
+    density_reuse: bool = False
     #: ``density``: the tables are rebuilt every this many hits + evictions ...
     density_period: int = 32
     #: ... and the counts then decay by this factor (1 = never forget).

@@ -22,9 +22,12 @@ saves (or its tokens), ``bytes`` what evicting the state frees.
 
 Classes are what the cache can observe about a state when it is scored: its
 prefix length (log₂ buckets; on agent traces the context length predicts the end
-of a session, on chat traces which conversations continue) and whether the node
+of a session, on chat traces which conversations continue), whether the node
 has children (a state a longer sequence has already run past is rarely hit
-again). Ages are binned on a log scale. Counts decay geometrically every
+again) and, with ``density_reuse``, whether the state was hit before (a
+shared prefix's state is hit again and again; an agent's branch point, made
+when the next turn edits its history, is hit once by the turn after and then
+never: the turn after that branches deeper). Ages are binned on a log scale. Counts decay geometrically every
 ``period`` events so the estimate follows a changing workload; until a class has
 ``MIN_EVENTS`` events it uses the pooled estimate of all classes, and until any
 has, the rank is plain recency (LRU).
@@ -64,10 +67,11 @@ def age_bin(age: float) -> int:
     return min(int(math.log2(1.0 + age) * BINS_PER_OCTAVE), N_BINS - 1)
 
 
-def state_class(end: int, has_children: bool) -> int:
-    """Class of a cached state: prefix-length bucket × has-children."""
+def state_class(end: int, has_children: bool, reused: bool = False) -> int:
+    """Class of a cached state: prefix-length bucket × has-children (× was-hit-before,
+    with ``reused``; classes without it keep their ids)."""
     bucket = min(max(end, 1).bit_length() - 1, LENGTH_BUCKETS - 1)
-    return 2 * bucket + (1 if has_children else 0)
+    return 2 * bucket + (1 if has_children else 0) + (2 * LENGTH_BUCKETS if reused else 0)
 
 
 def density_table(hits: list, evictions: list) -> list:

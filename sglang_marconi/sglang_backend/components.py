@@ -82,6 +82,7 @@ class MarconiMambaComponent(MambaComponent):
         super().commit_insert_component_data(node, is_new_leaf, params, result, cache_actions)
         st.stamp(node)
         if not result.mamba_exist:
+            node.marconi_hits = 0  # a new state: never hit yet
             reason = getattr(params, "marconi_reason", None)
             if reason is not None:
                 st.counters.admitted[reason] += 1

@@ -148,6 +148,7 @@ class MarconiState:
         t = self.clock
         if self.hit_density is not None:
             self.hit_density.record(self.state_class(node), t - getattr(node, "marconi_t", 0.0), hit=True)
+        node.marconi_hits = getattr(node, "marconi_hits", 0) + 1
         node.marconi_t = node.marconi_kv_t = t
         state_path = self.config.refresh == "path"
         kv_path = self.config.kv_refresh == "path"
@@ -192,7 +193,8 @@ class MarconiState:
 
     # -- scoring ------------------------------------------------------------
     def state_class(self, node) -> int:
-        return state_class(self.node_end(node), bool(node.children))
+        reused = self.config.density_reuse and getattr(node, "marconi_hits", 0) > 0
+        return state_class(self.node_end(node), bool(node.children), reused)
 
     def eviction_queue(self, cands: list) -> EvictionQueue:
         """The queue one eviction call pops from, under the configured utility."""
