@@ -11,7 +11,7 @@ through the same scheduler-shaped driver against:
 * ``sglang-python`` — the same on SGLang's Python tree core;
 * ``marconi-default`` — MarconiRadixCache (Python tree core, as every custom
   component is) with the package defaults (follow the leader: recency with the
-  input-end state, two shadow caches in a background process);
+  input-end state, three shadow caches in a background process);
 * ``marconi-recency`` — the leader's base order alone (``utility_form: "sum"``,
   α = 0), no shadows;
 * ``marconi-fixed`` — the same with α = 1 and no input-end state (the FLOP-aware

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sglang_marconi.policy.leader import DENSITY, RECENCY, LeaderSelector
+from sglang_marconi.policy.leader import DENSITY, DENSITY_REUSE, RECENCY, LeaderSelector
 
 POOLS = dict(kv_slots=900, mamba_slots=12, kv_budget=160, state_budget=5)
 BASE = dict(input_state=True, tombstones_first=True, density_period=4)
@@ -46,6 +46,23 @@ def test_selector_waits_for_a_lead_that_holds():
     assert [s.observe(lead, 1), s.observe(lead, 1), s.observe(lead, 1)] == [None, None, DENSITY]  # 3 > hold
 
 
+def test_selector_with_two_challengers_by_hand():
+    s = LeaderSelector(horizon=1.0, margin=0.5, guard=0.0, hold=0, challengers=(DENSITY, DENSITY_REUSE))
+    assert s.scores == {RECENCY: 0.0, DENSITY: 0.0, DENSITY_REUSE: 0.0}
+    # both lead recency by more than 50%: the higher score takes over
+    assert s.observe({RECENCY: 2, DENSITY: 4, DENSITY_REUSE: 5}, 2) == DENSITY_REUSE
+    # on density-reuse, plain density must beat it (and recency, and the live cache) by the margin
+    assert s.observe({RECENCY: 2, DENSITY: 7, DENSITY_REUSE: 5}, 5) is None  # 7 is not > 1.5 * 5
+    assert s.observe({RECENCY: 2, DENSITY: 8, DENSITY_REUSE: 5}, 5) == DENSITY  # 8 > 7.5
+    # ... and a challenger hands back to recency as before
+    assert s.observe({RECENCY: 9, DENSITY: 6, DENSITY_REUSE: 5}, 6) == RECENCY  # 9 > 1.5 * 6
+    assert s.switches == 3
+    with pytest.raises(ValueError, match="challengers"):
+        LeaderSelector(challengers=(RECENCY,))
+    with pytest.raises(ValueError, match="challengers"):
+        LeaderSelector(challengers=())
+
+
 def _requests(seed, n=60):
     """Multi-turn sessions with shared system prompts: turns extend, sessions interleave."""
     rng = random.Random(seed)
@@ -75,9 +92,12 @@ def test_shadows_match_standalone_caches(make_marconi, seed):
     shadows = st.shadows._inline.drivers
     _, rec = make_marconi(**POOLS, **BASE)
     _, den = make_marconi(**POOLS, **BASE, utility_form="density")
-    rec_hits, den_hits = _hits(rec, reqs), _hits(den, reqs)
+    _, reu = make_marconi(**POOLS, **BASE, utility_form="density", density_reuse=True)
+    rec_hits, den_hits, reu_hits = _hits(rec, reqs), _hits(den, reqs), _hits(reu, reqs)
+    assert set(shadows) == {RECENCY, DENSITY, DENSITY_REUSE}
     assert shadows[RECENCY].cache.marconi.counters.hit_tokens == sum(rec_hits)
     assert shadows[DENSITY].cache.marconi.counters.hit_tokens == sum(den_hits)
+    assert shadows[DENSITY_REUSE].cache.marconi.counters.hit_tokens == sum(reu_hits)
     assert st.leader.observed == len(reqs)
     assert rec_hits != den_hits  # the two orders really differ on these requests
 
@@ -96,6 +116,15 @@ def test_live_cache_evicts_like_the_order_it_follows(make_marconi, seed):
     st.use_order(DENSITY)
     st.shadows = None
     assert _hits(dens, reqs) == _hits(den, reqs)
+    # the same on density with the reuse classes
+    _, reu = make_marconi(**POOLS, **BASE, utility_form="density", density_reuse=True)
+    built, on_reuse = make_marconi(**POOLS, **BASE, utility_form="leader")
+    built.cache.marconi.use_order(DENSITY_REUSE)
+    built.cache.marconi.shadows = None
+    assert _hits(on_reuse, reqs) == _hits(reu, reqs)
+    # without the third order the leader runs two shadows
+    built, _ = make_marconi(**POOLS, **BASE, utility_form="leader", leader_density_reuse=False)
+    assert built.cache.marconi.leader.challengers == (DENSITY,)
 
 
 def test_leader_switches_and_reports(make_marconi):
@@ -109,7 +138,7 @@ def test_leader_switches_and_reports(make_marconi):
     assert st.counters.leader_switches == st.leader.switches > 0
     vals = metrics.snapshot(built.cache)
     assert vals["marconi_leader_switches"] == st.leader.switches
-    assert vals["marconi_leader_density"] == float(st.leader.current == DENSITY)
+    assert vals["marconi_leader_density"] == float(st.leader.current != RECENCY)
     assert vals["marconi_leader_replayed"] == len(reqs)
 
 
@@ -124,8 +153,8 @@ def test_switching_to_density_adopts_the_shadows_tables(make_marconi):
     def watch(results):
         before = st.leader.current
         observe(results)
-        if before == RECENCY and st.leader.current == DENSITY:  # right at the switch
-            shadow = st.shadows._inline.drivers[DENSITY].cache.marconi.hit_density
+        if before == RECENCY and st.leader.current != RECENCY:  # right at the switch
+            shadow = st.shadows._inline.drivers[st.leader.current].cache.marconi.hit_density
             assert st.hit_density is not shadow
             assert (st.hit_density.events, st.hit_density._tables) == (shadow.events, shadow._tables)
             adopted.append(st.hit_density.events)

@@ -254,7 +254,7 @@ def test_malformed_requests_get_errors_and_server_keeps_serving(servers, tok):
 
 
 def test_default_config_runs_its_shadow_caches_in_the_server(model, tok, tmp_path):
-    """No config: the leader's two shadow caches replay finished requests in a
+    """No config: the leader's shadow caches replay finished requests in a
     background process of the live server (the gauge counts what they replayed)."""
     srv = launch.start_server(model, log_path=tmp_path / "default.log", ready_timeout=300,
                               extra=COMMON + ["--radix-cache-backend", "marconi", "--enable-metrics"])

@@ -304,6 +304,7 @@ def test_parse_config_defaults():
     assert cfg.alpha == 0.0 and not cfg.auto_alpha and cfg.input_state and cfg.tombstones_first
     assert cfg.refresh == cfg.kv_refresh == "deepest" and cfg.utility_form == "leader"
     assert (cfg.leader_horizon, cfg.leader_margin, cfg.leader_guard, cfg.leader_hold) == (400.0, 0.2, 0.05, 200)
+    assert cfg.leader_density_reuse and not cfg.density_reuse  # the reuse classes: the leader's third order
     # α other than 0 selects the α utility unless the form is given
     assert parse_config({"alpha": "auto"}).utility_form == parse_config({"alpha": 1}).utility_form == "sum"
     assert parse_config({"alpha": 0}).utility_form == "leader"
@@ -422,6 +423,8 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"leader_hold": -1}, "leader_hold"),
         ({"leader_hold": 1.5}, "leader_hold"),
         ({"utility_form": "leaders"}, "utility_form"),
+        ({"density_reuse": "yes"}, "density_reuse"),
+        ({"leader_density_reuse": 1}, "leader_density_reuse"),
     ],
 )
 def test_parse_config_rejects_bad_key_or_value(raw, key):

@@ -54,7 +54,8 @@ _CHOICES = {
     "density_rank": DENSITY_RANKS,
     "tuner": TUNER_MODES,
 }
-_BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", "density_reuse")
+_BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", "density_reuse",
+          "leader_density_reuse")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "leader_hold": 0}
@@ -86,7 +87,7 @@ class MarconiConfig:
     #: α·norm(efficiency)), "product" (norm(recency)·(1 + α·norm(efficiency))),
     #: "density" (hit density learned from the cache's own hits and
     #: evictions × value per byte; no α, no tuner: ``policy/hit_density.py``),
-    #: or "leader" (recency or density, whichever two shadow caches show
+    #: or "leader" (recency or a density order, whichever shadow cache shows
     #: saving more lately: ``policy/leader.py``).
     #: Default "leader" (issue 6, round 4). A config that sets ``alpha`` to
     #: anything but 0 without ``utility_form`` gets "sum" (α is read by the sum
@@ -101,6 +102,9 @@ class MarconiConfig:
     leader_guard: float = 0.05
     #: ``leader``: requests density's lead must hold, in a row, before it takes over.
     leader_hold: int = 200
+    #: ``leader``: a third order, hit density with the reuse classes
+    #: (``density_reuse``), in its own shadow cache.
+    leader_density_reuse: bool = True
     #: ``density``: how the learned density ranks candidates. "full": by
     #: density × value per byte (LHD's rank); "dead_first": states it predicts
     #: are never hit again (density 0: no state of their class was hit at their

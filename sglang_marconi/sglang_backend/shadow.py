@@ -24,7 +24,7 @@ import dataclasses
 import logging
 from typing import Optional, Sequence
 
-from ..policy.leader import DENSITY, RECENCY
+from ..policy.leader import DENSITY, DENSITY_REUSE, RECENCY
 from ..policy.tuner import one_worker_executor
 from .tuning import TunerSpec, build_marconi_cache
 
@@ -38,14 +38,17 @@ MAX_PENDING = 4096
 def expert_configs(spec: TunerSpec) -> dict:
     """The live config with each order's eviction (and no tuner of its own)."""
     base = spec.config
-    return {
+    out = {
         RECENCY: dataclasses.replace(base, utility_form="sum", alpha=0.0, tuner="inline"),
-        DENSITY: dataclasses.replace(base, utility_form="density", tuner="inline"),
+        DENSITY: dataclasses.replace(base, utility_form="density", density_reuse=False, tuner="inline"),
     }
+    if base.leader_density_reuse:
+        out[DENSITY_REUSE] = dataclasses.replace(base, utility_form="density", density_reuse=True, tuner="inline")
+    return out
 
 
 class ShadowCaches:
-    """The two shadow caches (built on first use)."""
+    """The shadow caches, one per order the leader follows (built on first use)."""
 
     def __init__(self, spec: TunerSpec):
         from .driver import CacheDriver
@@ -61,9 +64,10 @@ class ShadowCaches:
         """Replay one finished request into every shadow: its hit tokens in each."""
         return {name: drv.run(input_ids, output_ids).hit_len for name, drv in self.drivers.items()}
 
-    def density_tables(self):
-        """A copy of what the density shadow has learned (its ``HitDensity``)."""
-        return copy.deepcopy(self.drivers[DENSITY].cache.marconi.hit_density)
+    def density_tables(self) -> dict:
+        """A copy of what each density shadow has learned (order -> its ``HitDensity``)."""
+        return {name: copy.deepcopy(drv.cache.marconi.hit_density)
+                for name, drv in self.drivers.items() if name != RECENCY}
 
 
 _WORKER_SHADOWS: dict = {}  # in the executor's worker: key -> ShadowCaches
@@ -143,11 +147,11 @@ class ShadowRunner:
             out += self.poll()
         return out
 
-    def density_tables(self):
-        """What the density shadow has learned, as of the results handed back so far."""
+    def density_tables(self, order: str = DENSITY):
+        """What ``order``'s shadow has learned, as of the results handed back so far."""
         if self._inline is not None:
-            return self._inline.density_tables()
-        return copy.deepcopy(self._tables)
+            return self._inline.density_tables().get(order)
+        return copy.deepcopy((self._tables or {}).get(order))
 
     def close(self) -> None:
         if self._executor is not None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..policy.admission import AdmissionReason
 from ..policy.config import MarconiConfig
 from ..policy.hit_density import HitDensity, state_class
-from ..policy.leader import RECENCY, LeaderSelector
+from ..policy.leader import DENSITY, DENSITY_REUSE, RECENCY, LeaderSelector
 from ..policy.tuner import AlphaTuner
 from ..policy.utility import Candidate, EvictionQueue
 
@@ -108,6 +108,8 @@ class MarconiState:
         #: the utility form eviction queues are built with
         self.queue_form = config.utility_form
         self.hit_density: Optional[HitDensity] = None
+        #: classes split by "hit before" (``density_reuse``; the leader sets it per order)
+        self.density_reuse = config.density_reuse
         if config.utility_form in ("density", "leader"):
             self.hit_density = HitDensity(config.density_period, config.density_decay)
         #: ``leader``: which order evicts, decided from the shadow caches
@@ -117,15 +119,17 @@ class MarconiState:
         self._live_hits_seen = 0
         if config.utility_form == "leader":
             self.leader = LeaderSelector(config.leader_horizon, config.leader_margin, config.leader_guard,
-                                         config.leader_hold)
+                                         config.leader_hold,
+                                         (DENSITY, DENSITY_REUSE) if config.leader_density_reuse else (DENSITY,))
             self.use_order(RECENCY)
 
     def use_order(self, order: str) -> None:
-        """``leader``: evict by recency (as the default config does) or by density."""
+        """``leader``: evict by recency (as the default config does) or by a density order."""
         recency = order == RECENCY
         self.recency_only = recency
         self.tombstones_first = recency and self.config.tombstones_first
         self.queue_form = "sum" if recency else "density"
+        self.density_reuse = order == DENSITY_REUSE
 
     # -- clock and α --------------------------------------------------------
     def tick(self) -> float:
@@ -193,7 +197,7 @@ class MarconiState:
 
     # -- scoring ------------------------------------------------------------
     def state_class(self, node) -> int:
-        reused = self.config.density_reuse and getattr(node, "marconi_hits", 0) > 0
+        reused = self.density_reuse and getattr(node, "marconi_hits", 0) > 0
         return state_class(self.node_end(node), bool(node.children), reused)
 
     def eviction_queue(self, cands: list) -> EvictionQueue:
@@ -310,7 +314,7 @@ class MarconiState:
                 self.counters.leader_switches += 1
                 self.use_order(order)
                 if order != RECENCY:
-                    tables = self.shadows.density_tables()
+                    tables = self.shadows.density_tables(order)
                     if tables is not None:  # start from what density learned evicting by itself
                         self.hit_density = tables
                 logger.info("marconi: eviction order -> %s after %d requests", order, self.leader.observed)
