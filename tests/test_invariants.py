@@ -35,6 +35,8 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParam
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
+from sglang_marconi.policy.leader import DENSITY, DENSITY_REUSE, RECENCY
+
 from array import array
 
 MAMBA = ComponentType.MAMBA
@@ -57,13 +59,16 @@ VARIANTS = {
     # the package default (issue 6): α = 0 with the input-end state
     "default": dict(alpha=0.0, input_state=True, tombstones_first=True),
     "density": dict(utility_form="density", input_state=True, density_period=4),
-    # follow the leader with a hair trigger: the live order flips between recency and density all the time
+    "density_reuse": dict(utility_form="density", density_reuse=True, input_state=True, density_period=4),
+    # follow the leader with a hair trigger: the live order flips between recency and the two
+    # density orders all the time
     "leader": dict(utility_form="leader", input_state=True, tombstones_first=True, density_period=4,
                    leader_horizon=2, leader_margin=0.0, leader_guard=0.0, leader_hold=0),
 }
 
 OPS_DONE: dict[str, int] = {}
 LEADER_SWITCHES: list = []
+LEADER_ORDERS: set = set()  #: every order the hair-trigger leader evicted by
 
 POOLS = dict(kv_slots=600, mamba_slots=10, kv_budget=90, state_budget=4)
 
@@ -308,6 +313,15 @@ def _build(make_marconi, variant):
 
 def _run_ops(make_marconi, variant, ops):
     built, drv, single, long = _build(make_marconi, variant)
+    if variant == "leader":
+        st = built.cache.marconi
+        use_order = st.use_order
+
+        def recording_use_order(order):
+            LEADER_ORDERS.add(order)
+            use_order(order)
+
+        st.use_order = recording_use_order
     w = World(built, drv, seed=len(ops), single_budget=single, long=long)
     w.check()
     for kind, seed in ops:
@@ -337,8 +351,9 @@ def test_random_operation_sequences(make_marconi, variant):
     # first examples are degenerate: one request repeated)
     assert len(evictions) >= EXAMPLES
     assert sorted(evictions)[len(evictions) // 2] > 50
-    if variant == "leader":  # both orders really evicted
+    if variant == "leader":  # the orders really evicted
         assert sum(s > 0 for s in LEADER_SWITCHES) >= EXAMPLES // 2, LEADER_SWITCHES
+        assert LEADER_ORDERS == {RECENCY, DENSITY, DENSITY_REUSE}, LEADER_ORDERS
 
 
 def test_total_operations_at_least_10000():
