@@ -638,3 +638,27 @@ def test_tombstones_first_evicts_internal_states_before_any_leaf_state(make_marc
     # (node end, KV tokens freed): a tombstone frees no KV, a leaf its own tokens
     assert fill(tombstones_first=True) == [(20, 0), (10, 0), (24, 4)]
     assert fill() == [(20, 0), (24, 4), (10, 0)]
+
+
+def test_tombstones_spare_branches_keeps_a_fresh_branch_state_in_the_recency_order(make_marconi):
+    """``tombstones_spare_branches``: r2 branches off r1 at 20 (a branch state, never
+    hit) and r3 hits it; r4 branches off r1 at 30 later. With tombstones-first
+    every internal state goes before any leaf (20, then 30); sparing branches,
+    only the branch state already hit (20) goes first, then the leaves by age
+    (r1's at 44, r2's at 30) while the fresh branch state at 30 keeps its place
+    among them (it is newer than both)."""
+    p = toks(1000, 40)
+
+    def fill(**cfg):
+        built, drv = make_marconi(tombstones_first=True, state_candidates="all", kv_slots=4096, mamba_slots=32, **cfg)
+        drv.run(p, toks(5000, 5))                    # r1: last-token state at 44
+        drv.run(p[:20] + toks(2000, 10), [7])        # r2: branch state at 20, leaf at 30
+        drv.run(p[:20] + toks(3000, 10), [8])        # r3: hits the state at 20, leaf at 30
+        drv.run(p[:30] + toks(4000, 10), [9])        # r4: branch state at 30 (on r1's path), leaf at 40
+        built.cache.marconi.log_evictions = True
+        evict_states(built, 3)
+        return [(end, tokens) for _, end, tokens, _ in built.cache.marconi.counters.eviction_log]
+
+    # (node end, KV tokens freed): a tombstone frees no KV, a leaf its own tokens
+    assert fill() == [(20, 0), (30, 0), (44, 14)]
+    assert fill(tombstones_spare_branches=True) == [(20, 0), (44, 14), (30, 10)]

@@ -55,7 +55,7 @@ _CHOICES = {
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", "density_reuse",
-          "leader_density_reuse")
+          "leader_density_reuse", "tombstones_spare_branches")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "leader_hold": 0}
@@ -173,6 +173,9 @@ class MarconiConfig:
     #: KV stays, a longer sequence already runs past them) before any leaf's
     #: state, each group by recency.
     tombstones_first: bool = True
+    #: ... except a branch point's state not hit since it was admitted (it stays
+    #: in the recency order with the leaves).
+    tombstones_spare_branches: bool = False
     #: SSM-state eviction candidates: "narrow" (holders with at most one child,
     #: the paper's rule: a branch point's state serves several children) or
     #: "all" (every unlocked holder, as SGLang's LRU does).

@@ -84,6 +84,7 @@ class MarconiMambaComponent(MambaComponent):
         if not result.mamba_exist:
             node.marconi_hits = 0  # a new state: never hit yet
             reason = getattr(params, "marconi_reason", None)
+            node.marconi_branch = reason is AdmissionReason.BRANCH_POINT
             if reason is not None:
                 st.counters.admitted[reason] += 1
 

@@ -253,9 +253,16 @@ class MarconiState:
         an internal holder's stamp is shifted below every leaf's (order kept
         within each group)."""
         cand = self.eviction_candidate(node, frees_kv=frees_kv)
-        if self.tombstones_first and node.children:
+        if self.tombstones_first and node.children and not self._spared_branch(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
         return cand
+
+    def _spared_branch(self, node) -> bool:
+        """``tombstones_spare_branches``: a branch point's state not hit since it was
+        admitted keeps its place in the recency order (the request that made the
+        branch, or its sibling, is the likely next hit)."""
+        return (self.config.tombstones_spare_branches and getattr(node, "marconi_branch", False)
+                and getattr(node, "marconi_hits", 0) == 0)
 
     # -- events -------------------------------------------------------------
     def on_eviction_call(self) -> None:
