@@ -305,6 +305,7 @@ def test_parse_config_defaults():
     assert cfg.refresh == cfg.kv_refresh == "deepest" and cfg.utility_form == "leader"
     assert (cfg.leader_horizon, cfg.leader_margin, cfg.leader_guard, cfg.leader_hold) == (400.0, 0.2, 0.05, 200)
     assert cfg.leader_density_reuse and not cfg.density_reuse  # the reuse classes: the leader's third order
+    assert cfg.tombstones_spare_branches  # a branch state not hit yet is not a tombstone-first candidate
     # α other than 0 selects the α utility unless the form is given
     assert parse_config({"alpha": "auto"}).utility_form == parse_config({"alpha": 1}).utility_form == "sum"
     assert parse_config({"alpha": 0}).utility_form == "leader"
@@ -425,6 +426,7 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"utility_form": "leaders"}, "utility_form"),
         ({"density_reuse": "yes"}, "density_reuse"),
         ({"leader_density_reuse": 1}, "leader_density_reuse"),
+        ({"tombstones_spare_branches": "no"}, "tombstones_spare_branches"),
     ],
 )
 def test_parse_config_rejects_bad_key_or_value(raw, key):

@@ -175,7 +175,7 @@ class MarconiConfig:
     tombstones_first: bool = True
     #: ... except a branch point's state not hit since it was admitted (it stays
     #: in the recency order with the leaves).
-    tombstones_spare_branches: bool = False
+    tombstones_spare_branches: bool = True
     #: SSM-state eviction candidates: "narrow" (holders with at most one child,
     #: the paper's rule: a branch point's state serves several children) or
     #: "all" (every unlocked holder, as SGLang's LRU does).
