@@ -251,7 +251,8 @@ class MarconiState:
     def state_pool_candidate(self, node, *, frees_kv: bool) -> Candidate:
         """An eviction candidate of the SSM-state pool: with ``tombstones_first``
         an internal holder's stamp is shifted below every leaf's (order kept
-        within each group)."""
+        within each group), except a branch state not hit yet with
+        ``tombstones_spare_branches``."""
         cand = self.eviction_candidate(node, frees_kv=frees_kv)
         if self.tombstones_first and node.children and not self._spared_branch(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
