@@ -27,8 +27,9 @@ has children (a state a longer sequence has already run past is rarely hit
 again) and, with ``density_reuse``, whether the state was hit before (a
 shared prefix's state is hit again and again; an agent's branch point, made
 when the next turn edits its history, is hit once by the turn after and then
-never: the turn after that branches deeper). Ages are binned on a log scale. Counts decay geometrically every
-``period`` events so the estimate follows a changing workload; until a class has
+never: the turn after that branches deeper). Ages are binned on a log scale.
+Counts decay geometrically every ``period`` events so the estimate follows a
+changing workload; until a class has
 ``MIN_EVENTS`` events it uses the pooled estimate of all classes, and until any
 has, the rank is plain recency (LRU).
 

@@ -67,11 +67,6 @@ class LeaderSelector:
             if e != RECENCY:
                 self.lead_runs.setdefault(e, 0)
 
-    @property
-    def lead_run(self) -> int:
-        """The longest current lead run of any challenger."""
-        return max(self.lead_runs.values())
-
     def observe(self, shadow_hits: dict, live_hit: float) -> Optional[str]:
         """One finished request: its hit tokens in each shadow and in the live
         cache. Returns the new order when this request switches it."""
