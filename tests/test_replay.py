@@ -325,3 +325,21 @@ def test_session_bounds_hand_computed():
     assert session_hit_rate(reqs2, 15, "end-oracle") == pytest.approx(10 / 32)  # d evicts c (ended)
     with pytest.raises(ValueError, match="unknown bound policy"):
         session_hit_rate(reqs, 10, "fifo")
+
+
+def test_turn_hazard_bound_hand_computed():
+    """Room for two contexts; x's only request is at turn 5 and every request in
+    turns 5-9 ends its session (h = 1), so when w arrives turn-hazard evicts x,
+    the more recent, and y's return hits; LRU evicts y."""
+    from sglang_marconi.replay.bounds import HAZARD_BUCKET, session_hit_rate, turn_hazards
+    from sglang_marconi.replay.loaders import Request
+
+    def req(sid, t, turn, prompt):
+        return Request(sid, t, turn, tuple(range(prompt + 1)), prompt, 1)
+
+    reqs = [req("y", 0.0, 0, 10), req("x", 1.0, HAZARD_BUCKET, 10), req("w", 2.0, 0, 10), req("y", 3.0, 1, 11)]
+    hazard, gap = turn_hazards(reqs, [3, 4, 4, 4])
+    assert hazard == {0: pytest.approx(2 / 3), 1: 1.0} and gap == 3.0
+    assert session_hit_rate(reqs, 25, "lru") == 0.0
+    assert session_hit_rate(reqs, 25, "turn-hazard") == pytest.approx(10 / 41)
+    assert session_hit_rate(reqs, 25, "end-oracle") == pytest.approx(10 / 41)

@@ -14,7 +14,14 @@ its session, and the session's new context replaces it. Three policies:
   is a session's last), then LRU: the most any online policy can gain from
   predicting session ends;
 * ``belady`` — evict the session whose next request is farthest in the future,
-  and never keep a session's last context (knows every future arrival).
+  and never keep a session's last context (knows every future arrival);
+* ``turn-hazard`` — evict the session least likely to be alive: knows, from the
+  whole trace, the chance that a request at turn k is its session's last
+  (``h(k)``, turns bucketed by ``HAZARD_BUCKET``) and the mean turn gap ``g``,
+  and scores a session silent for ``t`` after turn k by
+  ``P(alive) = (1-h) e^(-t/g) / ((1-h) e^(-t/g) + h)`` (exponential gaps). The
+  most a learned per-turn (or, the same way, per-length) end predictor could add
+  to LRU's silence order.
 
 The gap between ``end-oracle`` and ``belady`` is what only knowledge of arrival
 order buys; on a trace whose turn gaps are drawn i.i.d. (the SWE-agent loader's
@@ -24,11 +31,31 @@ exponential gaps) no online policy can predict it.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Sequence
 
 from .loaders import SWE_ARRIVALS, LoadOptions, Request, TraceError, load_trace
 
-POLICIES = ("lru", "end-oracle", "belady")
+POLICIES = ("lru", "end-oracle", "belady", "turn-hazard")
+HAZARD_BUCKET = 5  #: turns per bucket of the turn-hazard oracle's end chances
+
+
+def turn_hazards(requests: Sequence[Request], next_use: Sequence[int]) -> tuple[dict, float]:
+    """Per turn bucket, the share of requests that are their session's last; and
+    the mean gap between a session's consecutive requests (s)."""
+    n = len(requests)
+    seen: dict = {}
+    ends: dict = {}
+    gaps = []
+    for i, r in enumerate(requests):
+        b = r.turn // HAZARD_BUCKET
+        seen[b] = seen.get(b, 0) + 1
+        if next_use[i] == n:
+            ends[b] = ends.get(b, 0) + 1
+        else:
+            gaps.append(requests[next_use[i]].arrival_s - r.arrival_s)
+    mean_gap = sum(gaps) / len(gaps) if gaps else 1.0
+    return {b: ends.get(b, 0) / c for b, c in seen.items()}, max(mean_gap, 1e-9)
 
 
 def session_hit_rate(requests: Sequence[Request], capacity: float, policy: str) -> float:
@@ -42,6 +69,15 @@ def session_hit_rate(requests: Sequence[Request], capacity: float, policy: str) 
         sid = requests[i].session_id
         next_use[i] = last_seen.get(sid, n)
         last_seen[sid] = i
+    if policy == "turn-hazard":
+        hazard, mean_gap = turn_hazards(requests, next_use)
+
+        def p_alive(s: str, now: float) -> float:
+            r = requests[stamp[s]]
+            h = hazard[r.turn // HAZARD_BUCKET]
+            live = (1.0 - h) * math.exp(-max(0.0, now - r.arrival_s) / mean_gap)
+            return live / (live + h) if live + h > 0 else 0.0
+
     resident: dict = {}  # session -> cached tokens
     stamp: dict = {}  # session -> index of its last request
     used = 0
@@ -60,6 +96,8 @@ def session_hit_rate(requests: Sequence[Request], capacity: float, policy: str) 
                 victim = min(resident, key=stamp.__getitem__)
             elif policy == "end-oracle":
                 victim = min(resident, key=lambda s: (next_use[stamp[s]] < n, stamp[s]))
+            elif policy == "turn-hazard":
+                victim = min(resident, key=lambda s: (p_alive(s, r.arrival_s), stamp[s]))
             else:
                 victim = max(resident, key=lambda s: next_use[stamp[s]])
             used -= resident.pop(victim)
@@ -97,11 +135,17 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {e}") from None
     tokens = trace.stream_tokens()
     print(f"{trace.name}: {trace.sessions} sessions, {len(trace.requests)} requests, {tokens:,} distinct session tokens")
-    print(f"{'budget':>8} {'lru':>8} {'end-oracle':>11} {'belady':>8}   end-oracle/lru  belady/lru")
+    print(f"{'budget':>8} {'lru':>8} {'end-oracle':>11} {'belady':>8} {'turn-hazard':>12}"
+          f"   end-oracle/lru  belady/lru  turn-hazard/lru")
     for f in fracs:
         cap = f * tokens
-        lru, end, opt_ = (session_hit_rate(trace.requests, cap, p) for p in POLICIES)
-        print(f"{f:>8g} {lru:>8.2%} {end:>11.2%} {opt_:>8.2%}   {end / lru if lru else 0:>14.3f}  {opt_ / lru if lru else 0:>10.3f}")
+        lru, end, opt_, hz = (session_hit_rate(trace.requests, cap, p) for p in POLICIES)
+
+        def ratio(x: float) -> float:
+            return x / lru if lru else 0.0
+
+        print(f"{f:>8g} {lru:>8.2%} {end:>11.2%} {opt_:>8.2%} {hz:>12.2%}"
+              f"   {ratio(end):>14.3f}  {ratio(opt_):>10.3f}  {ratio(hz):>15.3f}")
     return 0
 
 
