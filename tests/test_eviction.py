@@ -662,3 +662,49 @@ def test_tombstones_spare_branches_keeps_a_fresh_branch_state_in_the_recency_ord
     # (node end, KV tokens freed): a tombstone frees no KV, a leaf its own tokens
     assert fill(tombstones_spare_branches=False) == [(20, 0), (30, 0), (44, 14)]
     assert fill(tombstones_spare_branches=True) == [(20, 0), (44, 14), (30, 10)]
+
+
+def _superseded_run(make_marconi, extend_r1=False, **cfg):
+    """r2 (its own path) and r1 (prefix p, last-token state at 44) are cached, r1
+    the newer; r3 then branches off inside r1's path at 30 (a branch state there):
+    r1's tail 30..44 is the sequence r3 left. With ``extend_r1`` a fourth request
+    continues r1 (hits its state at 44) before anything is evicted."""
+    p = toks(1000, 40)
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, state_candidates="all", **cfg)
+    drv.run(toks(2000, 20), toks(6000, 5))        # r2: leaf 0..24, state at 24
+    drv.run(p, toks(5000, 5))                     # r1: leaf 0..44, state at 44
+    drv.run(p[:30] + toks(4000, 10), [9])         # r3: branch state at 30, leaf 30..40
+    if extend_r1:
+        drv.run(p + toks(5000, 4) + toks(7000, 6), [3])  # r4: hits 44, leaf 44..54
+    built.cache.marconi.log_evictions = True
+    return built
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_superseded_first_evicts_the_path_a_branch_left_first(make_marconi, flag):
+    """``superseded_first``: r3 branched off r1's path at 30, so r1's tail (30..44:
+    its KV and its last-token state) goes before r2's older leaf in both pools;
+    without it, plain recency takes r2's leaf first."""
+    built = _superseded_run(make_marconi, superseded_first=flag)
+    st = built.cache.marconi
+    tail = node_ending_at(built, 44)
+    assert getattr(tail, "marconi_superseded", False) is flag and st.counters.superseded_marks == int(flag)
+    assert not getattr(node_ending_at(built, 30, toks(1000, 40)), "marconi_superseded", False)
+    evict_tokens(built, 1)  # one KV leaf, with its state
+    assert [(end, tokens) for _, end, tokens, _ in st.counters.eviction_log] == ([(44, 14)] if flag else [(24, 24)])
+
+    built = _superseded_run(make_marconi, superseded_first=flag)
+    evict_states(built, 1)  # one state (a leaf's: the branch state at 30 is internal with two children)
+    assert [(end, tokens) for _, end, tokens, _ in built.cache.marconi.counters.eviction_log] == (
+        [(44, 14)] if flag else [(24, 24)])
+
+
+def test_superseded_path_is_ordinary_again_once_extended(make_marconi):
+    """r4 continues r1 (a hit on its state at 44): r1's path is in use again, so
+    the KV pool evicts by plain recency (r2's leaf, the oldest, first)."""
+    built = _superseded_run(make_marconi, extend_r1=True, superseded_first=True)
+    st = built.cache.marconi
+    assert st.counters.superseded_marks == 1
+    assert not any(getattr(n, "marconi_superseded", False) for n in nodes(built))
+    evict_tokens(built, 1)
+    assert [(end, tokens) for _, end, tokens, _ in st.counters.eviction_log] == [(24, 24)]

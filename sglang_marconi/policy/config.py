@@ -55,7 +55,7 @@ _CHOICES = {
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", "density_reuse",
-          "leader_density_reuse", "tombstones_spare_branches")
+          "leader_density_reuse", "tombstones_spare_branches", "superseded_first")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "leader_hold": 0}
@@ -176,6 +176,13 @@ class MarconiConfig:
     #: ... except a branch point's state not hit since it was admitted (it stays
     #: in the recency order with the leaves).
     tombstones_spare_branches: bool = True
+    #: Recency order, both pools: when a request branches off inside a path that
+    #: had no branch there (it diverges from the cached sequence: an agent
+    #: dropped or edited part of its history, a chat template re-rendered the
+    #: last answer), the path it left is superseded: its leaves' KV and its
+    #: states go before every other candidate (each group by recency). A hit
+    #: on it, or a request extending it, makes it ordinary again.
+    superseded_first: bool = False
     #: SSM-state eviction candidates: "narrow" (holders with at most one child,
     #: the paper's rule: a branch point's state serves several children) or
     #: "all" (every unlocked holder, as SGLang's LRU does).

@@ -74,6 +74,8 @@ class MarconiMambaComponent(MambaComponent):
     def commit_insert_component_data(self, node, is_new_leaf, params, result, cache_actions) -> None:
         st = self.marconi
         st.tick()
+        if is_new_leaf:
+            st.revive(node.parent)  # a request extends this path: it is in use
         if params.mamba_value is None:
             # KV-only insert: Marconi admits no state at this position.
             if is_new_leaf:
@@ -85,6 +87,8 @@ class MarconiMambaComponent(MambaComponent):
             node.marconi_hits = 0  # a new state: never hit yet
             reason = getattr(params, "marconi_reason", None)
             node.marconi_branch = reason is AdmissionReason.BRANCH_POINT
+            if node.marconi_branch:
+                st.mark_superseded(node)
             if reason is not None:
                 st.counters.admitted[reason] += 1
 
@@ -141,6 +145,7 @@ class MarconiMambaComponent(MambaComponent):
         super().redistribute_on_node_split(new_parent, child)
         new_parent.marconi_t = getattr(child, "marconi_t", 0.0)
         new_parent.marconi_kv_t = getattr(child, "marconi_kv_t", 0.0)
+        new_parent.marconi_superseded = getattr(child, "marconi_superseded", False)
 
     # -- eviction -------------------------------------------------------------
     def _holders(self):
@@ -220,7 +225,7 @@ class MarconiFullComponent(FullComponent):
         st = self.marconi
         st.on_eviction_call()
         leaves = sorted(self.tree_core.evictable_device_leaves, key=_node_id)
-        cands = [st.eviction_candidate(n, frees_kv=True, pool="kv") for n in leaves]
+        cands = [st.kv_pool_candidate(n) for n in leaves]
         self._queue = st.eviction_queue(cands)
         self._evict_device_request_cnt = request_cnt
         self._evict_device_last_node = None
@@ -232,7 +237,7 @@ class MarconiFullComponent(FullComponent):
         lv = self._evict_device_last_node
         self._evict_device_last_node = None
         if lv is not None and lv.parent is not None and lv.parent in leaves:
-            self._queue.push(st.eviction_candidate(lv.parent, frees_kv=True, pool="kv"))
+            self._queue.push(st.kv_pool_candidate(lv.parent))
         while tracker[ct] < self._evict_device_request_cnt:
             score = self._queue.peek_score()
             cand = self._queue.pop()

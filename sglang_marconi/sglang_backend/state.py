@@ -61,6 +61,7 @@ class MarconiCounters:
     leaf_evictions: int = 0  # nodes deleted (their KV freed)
     evicted_tokens: int = 0
     leader_switches: int = 0  # utility_form "leader": changes of eviction order
+    superseded_marks: int = 0  # superseded_first: nodes marked as left behind by a branch
     eviction_log: list = field(default_factory=list)  # (pool, node_end, tokens, utility), bounded
 
     def as_dict(self) -> dict[str, Any]:
@@ -75,6 +76,7 @@ class MarconiCounters:
             "leaf_evictions": self.leaf_evictions,
             "evicted_tokens": self.evicted_tokens,
             "leader_switches": self.leader_switches,
+            "superseded_marks": self.superseded_marks,
         }
 
 
@@ -82,6 +84,8 @@ EVICTION_LOG_MAX = 10_000
 #: ``tombstones_first``: shifts internal holders' stamps below every leaf's
 #: (clock ticks never reach it).
 TOMBSTONE_FIRST_SHIFT = 1e15
+#: ``superseded_first``: most nodes one branch point marks (bounds the walk).
+SUPERSEDED_MARK_MAX = 256
 
 
 def _stamp(node, pool: str) -> float:
@@ -105,6 +109,8 @@ class MarconiState:
         self.recency_only = tuner is None and config.alpha == 0.0 and config.utility_form in ("sum", "product")
         #: ``tombstones_first`` applies only to that recency order (state pool)
         self.tombstones_first = self.recency_only and config.tombstones_first
+        #: ``superseded_first``: also only in that recency order (both pools)
+        self.superseded_first = self.recency_only and config.superseded_first
         #: the utility form eviction queues are built with
         self.queue_form = config.utility_form
         self.hit_density: Optional[HitDensity] = None
@@ -128,6 +134,7 @@ class MarconiState:
         recency = order == RECENCY
         self.recency_only = recency
         self.tombstones_first = recency and self.config.tombstones_first
+        self.superseded_first = recency and self.config.superseded_first
         self.queue_form = "sum" if recency else "density"
         self.density_reuse = order == DENSITY_REUSE
 
@@ -153,6 +160,7 @@ class MarconiState:
         if self.hit_density is not None:
             self.hit_density.record(self.state_class(node), t - getattr(node, "marconi_t", 0.0), hit=True)
         node.marconi_hits = getattr(node, "marconi_hits", 0) + 1
+        self.revive(node)
         node.marconi_t = node.marconi_kv_t = t
         state_path = self.config.refresh == "path"
         kv_path = self.config.kv_refresh == "path"
@@ -256,7 +264,43 @@ class MarconiState:
         cand = self.eviction_candidate(node, frees_kv=frees_kv)
         if self.tombstones_first and node.children and not self._spared_branch(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
+        elif self.superseded_first and getattr(node, "marconi_superseded", False):
+            cand.last_access -= TOMBSTONE_FIRST_SHIFT
         return cand
+
+    def kv_pool_candidate(self, node) -> Candidate:
+        """An eviction candidate of the KV pool (a leaf): with ``superseded_first`` a
+        superseded leaf's stamp is shifted below every other leaf's."""
+        cand = self.eviction_candidate(node, frees_kv=True, pool="kv")
+        if self.superseded_first and getattr(node, "marconi_superseded", False):
+            cand.last_access -= TOMBSTONE_FIRST_SHIFT
+        return cand
+
+    # -- superseded paths ----------------------------------------------------
+    def mark_superseded(self, branch) -> None:
+        """A request admitted a branch point at ``branch``, a node with one child:
+        the path through it had no branch there, so that child's subtree is the
+        sequence the request diverged from. Marked (at most
+        ``SUPERSEDED_MARK_MAX`` nodes) while ``superseded_first`` is configured,
+        whichever order evicts now (the leader may switch back to recency)."""
+        if not self.config.superseded_first or len(branch.children) != 1:
+            return
+        stack = list(branch.children.values())
+        marked = 0
+        while stack and marked < SUPERSEDED_MARK_MAX:
+            x = stack.pop()
+            x.marconi_superseded = True
+            marked += 1
+            stack.extend(x.children.values())
+        self.counters.superseded_marks += marked
+
+    @staticmethod
+    def revive(node) -> None:
+        """``node`` is in use again (hit, or extended by an insert): it and its
+        superseded ancestors are ordinary again."""
+        while node is not None and getattr(node, "marconi_superseded", False):
+            node.marconi_superseded = False
+            node = node.parent
 
     def _spared_branch(self, node) -> bool:
         """``tombstones_spare_branches``: a branch point's state not hit since it was
