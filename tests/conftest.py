@@ -16,8 +16,8 @@ warnings.filterwarnings("ignore", message=".*support AWQ.*")
 def make_marconi():
     """make_marconi(kv_slots, mamba_slots, kv_budget=None, state_budget=None, **config) -> (built, driver).
 
-    Config defaults here: alpha 0, utility_form "sum", inline tuner, input_state and
-    tombstones_first false (the base rules the hand-computed tests spell out)."""
+    Config defaults here: alpha 0, utility_form "sum", inline tuner, input_state,
+    tombstones_first and superseded_first false (the base rules the hand-computed tests spell out)."""
     from sglang_marconi.policy import builtin_profile, parse_config
     from sglang_marconi.sglang_backend.driver import CacheDriver
     from sglang_marconi.sglang_backend.tuning import build_marconi_cache
@@ -30,6 +30,7 @@ def make_marconi():
         # input-end state pass input_state=True
         config.setdefault("input_state", False)
         config.setdefault("tombstones_first", False)
+        config.setdefault("superseded_first", False)
         config.setdefault("utility_form", "sum")  # recency / α utility; the default's leader is tested on its own
         config.setdefault("tuner", "inline")
         cfg = parse_config(config)

@@ -708,3 +708,17 @@ def test_superseded_path_is_ordinary_again_once_extended(make_marconi):
     assert not any(getattr(n, "marconi_superseded", False) for n in nodes(built))
     evict_tokens(built, 1)
     assert [(end, tokens) for _, end, tokens, _ in st.counters.eviction_log] == [(24, 24)]
+
+
+@pytest.mark.parametrize("shared, min_shared, marked", [(30, 0.5, True), (5, 0.5, False), (5, 0.1, True), (30, 0.7, False)])
+def test_superseded_needs_the_request_to_share_most_of_the_sequence(make_marconi, shared, min_shared, marked):
+    """A branch at ``shared`` inside r1's 44-token sequence marks r1's tail only when
+    shared / 44 >= ``superseded_min_shared`` (30/44 = 0.68, 5/44 = 0.11): another
+    conversation after a short common prefix is not a revision of r1."""
+    p = toks(1000, 40)
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, superseded_first=True, superseded_min_shared=min_shared)
+    drv.run(p, toks(5000, 5))
+    drv.run(p[:shared] + toks(4000, 10), [9])
+    tail = node_ending_at(built, 44)
+    assert getattr(tail, "marconi_superseded", False) is marked
+    assert built.cache.marconi.counters.superseded_marks == int(marked)

@@ -183,6 +183,10 @@ class MarconiConfig:
     #: states go before every other candidate (each group by recency). A hit
     #: on it, or a request extending it, makes it ordinary again.
     superseded_first: bool = False
+    #: ... counted as a revision only when the request shares at least this
+    #: fraction of the sequence it diverges from (a short common prefix, such as
+    #: a system prompt before another conversation, is not one).
+    superseded_min_shared: float = 0.5
     #: SSM-state eviction candidates: "narrow" (holders with at most one child,
     #: the paper's rule: a branch point's state serves several children) or
     #: "all" (every unlocked holder, as SGLang's LRU does).
@@ -292,6 +296,10 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             out[key] = _number(key, value)
             if out[key] >= 1.0:
                 raise _err(key, value, "must be in [0, 1)")
+        elif key == "superseded_min_shared":
+            out[key] = _number(key, value)
+            if out[key] > 1.0:
+                raise _err(key, value, "must be in [0, 1]")
         elif key == "density_decay":
             out[key] = _number(key, value)
             if not 0.0 < out[key] <= 1.0:

@@ -41,6 +41,7 @@ GAUGES = {
     "marconi_leader_density": "utility_form leader: 1 while hit density orders evictions, 0 for recency",
     "marconi_leader_switches": "utility_form leader: changes of eviction order so far",
     "marconi_leader_replayed": "utility_form leader: finished requests the shadow caches have replayed so far",
+    "marconi_superseded_marks": "superseded_first: radix-tree nodes marked as a path a request branched away from",
 }
 
 _KEYS = {
@@ -54,6 +55,7 @@ _KEYS = {
     "marconi_leaf_evictions": "leaf_evictions",
     "marconi_evicted_tokens": "evicted_tokens",
     "marconi_leader_switches": "leader_switches",
+    "marconi_superseded_marks": "superseded_marks",
 }
 
 

@@ -20,6 +20,7 @@ Node bookkeeping is stored as plain attributes on SGLang's ``UnifiedTreeNode``:
 
 from __future__ import annotations
 
+
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -279,20 +280,33 @@ class MarconiState:
     # -- superseded paths ----------------------------------------------------
     def mark_superseded(self, branch) -> None:
         """A request admitted a branch point at ``branch``, a node with one child:
-        the path through it had no branch there, so that child's subtree is the
-        sequence the request diverged from. Marked (at most
-        ``SUPERSEDED_MARK_MAX`` nodes) while ``superseded_first`` is configured,
-        whichever order evicts now (the leader may switch back to recency)."""
-        if not self.config.superseded_first or len(branch.children) != 1:
+        the path through it had no branch there. If the request shares at least
+        ``superseded_min_shared`` of that sequence (root to ``branch`` against
+        root to the end of the child's subtree), it is a revision of it (an agent
+        that dropped or edited part of its history, a re-rendered answer) and the
+        child's subtree is the part it left: marked, while ``superseded_first`` is
+        configured, whichever order evicts now (the leader may switch back to
+        recency). A request that shares only a short common prefix (another
+        conversation after the same system prompt) marks nothing; nor does a
+        subtree of more than ``SUPERSEDED_MARK_MAX`` nodes."""
+        cfg = self.config
+        if not cfg.superseded_first or len(branch.children) != 1:
             return
+        subtree, tokens = [], 0
         stack = list(branch.children.values())
-        marked = 0
-        while stack and marked < SUPERSEDED_MARK_MAX:
+        while stack:
+            if len(subtree) == SUPERSEDED_MARK_MAX:
+                return
             x = stack.pop()
-            x.marconi_superseded = True
-            marked += 1
+            subtree.append(x)
+            tokens += len(x.key)
             stack.extend(x.children.values())
-        self.counters.superseded_marks += marked
+        shared = self.node_end(branch)
+        if shared < cfg.superseded_min_shared * (shared + tokens):
+            return
+        for x in subtree:
+            x.marconi_superseded = True
+        self.counters.superseded_marks += len(subtree)
 
     @staticmethod
     def revive(node) -> None:
