@@ -306,6 +306,9 @@ def test_parse_config_defaults():
     assert (cfg.leader_horizon, cfg.leader_margin, cfg.leader_guard, cfg.leader_hold) == (400.0, 0.2, 0.05, 200)
     assert cfg.leader_density_reuse and not cfg.density_reuse  # the reuse classes: the leader's third order
     assert cfg.tombstones_spare_branches  # a branch state not hit yet is not a tombstone-first candidate
+    # the path a request branched away from (sharing at least half of it) goes first
+    assert cfg.superseded_first and cfg.superseded_min_shared == 0.5
+    assert parse_config({"superseded_min_shared": 0}).superseded_min_shared == 0.0
     # α other than 0 selects the α utility unless the form is given
     assert parse_config({"alpha": "auto"}).utility_form == parse_config({"alpha": 1}).utility_form == "sum"
     assert parse_config({"alpha": 0}).utility_form == "leader"
@@ -427,6 +430,10 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"density_reuse": "yes"}, "density_reuse"),
         ({"leader_density_reuse": 1}, "leader_density_reuse"),
         ({"tombstones_spare_branches": "no"}, "tombstones_spare_branches"),
+        ({"superseded_first": "on"}, "superseded_first"),
+        ({"superseded_min_shared": 1.5}, "superseded_min_shared"),
+        ({"superseded_min_shared": -0.1}, "superseded_min_shared"),
+        ({"superseded_min_shared": "half"}, "superseded_min_shared"),
     ],
 )
 def test_parse_config_rejects_bad_key_or_value(raw, key):

@@ -182,7 +182,7 @@ class MarconiConfig:
     #: last answer), the path it left is superseded: its leaves' KV and its
     #: states go before every other candidate (each group by recency). A hit
     #: on it, or a request extending it, makes it ordinary again.
-    superseded_first: bool = False
+    superseded_first: bool = True
     #: ... counted as a revision only when the request shares at least this
     #: fraction of the sequence it diverges from (a short common prefix, such as
     #: a system prompt before another conversation, is not one).
