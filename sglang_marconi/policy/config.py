@@ -28,7 +28,7 @@ VARIANTS = ("marconi", "paper")
 #: and its tuner (α auto, tuned once, on the first window after the first
 #: eviction, scored from a cold start, no memory or hysteresis, grid 0..2 step
 #: 0.1) unless the keys are given explicitly.
-PAPER_TUNER_DEFAULTS = {"alpha": None, "utility_form": "sum", "input_state": False, "tombstones_first": False, "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
+PAPER_TUNER_DEFAULTS = {"alpha": None, "utility_form": "sum", "input_state": False, "tombstones_first": False, "superseded_first": False, "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
                         "alpha_grid": PAPER_ALPHA_GRID}
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
