@@ -722,3 +722,19 @@ def test_superseded_needs_the_request_to_share_most_of_the_sequence(make_marconi
     tail = node_ending_at(built, 44)
     assert getattr(tail, "marconi_superseded", False) is marked
     assert built.cache.marconi.counters.superseded_marks == int(marked)
+
+
+@pytest.mark.parametrize("state_above", [False, True])
+def test_superseded_needs_state_on_the_path(make_marconi, state_above):
+    """``superseded_needs_state``: r3's branch at 30 marks r1's tail only when a
+    state sits above it on the same unbranched path (r0 made r1 branch at 20 and
+    checkpoint there); with no state above (a new conversation after an
+    uncheckpointed common prefix) nothing is marked."""
+    p = toks(1000, 40)
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, superseded_first=True, superseded_needs_state=True)
+    if state_above:
+        drv.run(p[:20] + toks(8000, 10), [1])     # r0: r1 will branch off it at 20 (a state there)
+    drv.run(p, toks(5000, 5))                     # r1: tail to 44
+    drv.run(p[:30] + toks(4000, 10), [9])         # r3: branches inside r1's path at 30
+    tail = node_ending_at(built, 44)
+    assert getattr(tail, "marconi_superseded", False) is state_above

@@ -431,6 +431,7 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"leader_density_reuse": 1}, "leader_density_reuse"),
         ({"tombstones_spare_branches": "no"}, "tombstones_spare_branches"),
         ({"superseded_first": "on"}, "superseded_first"),
+        ({"superseded_needs_state": 1}, "superseded_needs_state"),
         ({"superseded_min_shared": 1.5}, "superseded_min_shared"),
         ({"superseded_min_shared": -0.1}, "superseded_min_shared"),
         ({"superseded_min_shared": "half"}, "superseded_min_shared"),

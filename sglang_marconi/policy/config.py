@@ -55,7 +55,7 @@ _CHOICES = {
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", "density_reuse",
-          "leader_density_reuse", "tombstones_spare_branches", "superseded_first")
+          "leader_density_reuse", "tombstones_spare_branches", "superseded_first", "superseded_needs_state")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "leader_hold": 0}
@@ -187,6 +187,10 @@ class MarconiConfig:
     #: fraction of the sequence it diverges from (a short common prefix, such as
     #: a system prompt before another conversation, is not one).
     superseded_min_shared: float = 0.5
+    #: ... and only when the shared part ends below a cached SSM state on that
+    #: same unbranched path (the request resumed from the sequence it revises;
+    #: a new conversation after an uncheckpointed system prompt did not).
+    superseded_needs_state: bool = False
     #: SSM-state eviction candidates: "narrow" (holders with at most one child,
     #: the paper's rule: a branch point's state serves several children) or
     #: "all" (every unlocked holder, as SGLang's LRU does).

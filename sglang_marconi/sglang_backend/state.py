@@ -292,6 +292,8 @@ class MarconiState:
         cfg = self.config
         if not cfg.superseded_first or len(branch.children) != 1:
             return
+        if cfg.superseded_needs_state and not self._state_above_on_path(branch):
+            return
         subtree, tokens = [], 0
         stack = list(branch.children.values())
         while stack:
@@ -307,6 +309,20 @@ class MarconiState:
         for x in subtree:
             x.marconi_superseded = True
         self.counters.superseded_marks += len(subtree)
+
+    def _state_above_on_path(self, branch) -> bool:
+        """``superseded_needs_state``: the nearest ancestor of ``branch`` holding an
+        SSM state is reached through nodes with one child (no other path splits
+        off between that state and the branch)."""
+        ct = _mamba_ct()
+        cur = branch.parent
+        while cur is not None and cur.parent is not None:
+            if cur.component_data[ct].value is not None:
+                return True
+            if len(cur.children) != 1:
+                return False
+            cur = cur.parent
+        return False
 
     @staticmethod
     def revive(node) -> None:
