@@ -20,7 +20,6 @@ Node bookkeeping is stored as plain attributes on SGLang's ``UnifiedTreeNode``:
 
 from __future__ import annotations
 
-
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -265,7 +264,7 @@ class MarconiState:
         cand = self.eviction_candidate(node, frees_kv=frees_kv)
         if self.tombstones_first and node.children and not self._spared_branch(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
-        elif self.superseded_first and getattr(node, "marconi_superseded", False):
+        elif self._goes_first_superseded(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
         return cand
 
@@ -273,9 +272,14 @@ class MarconiState:
         """An eviction candidate of the KV pool (a leaf): with ``superseded_first`` a
         superseded leaf's stamp is shifted below every other leaf's."""
         cand = self.eviction_candidate(node, frees_kv=True, pool="kv")
-        if self.superseded_first and getattr(node, "marconi_superseded", False):
+        if self._goes_first_superseded(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
         return cand
+
+    def _goes_first_superseded(self, node) -> bool:
+        """``superseded_first``, in the recency order: ``node`` lies on a path a
+        request branched away from (both pools shift it below the rest)."""
+        return self.superseded_first and getattr(node, "marconi_superseded", False)
 
     # -- superseded paths ----------------------------------------------------
     def mark_superseded(self, branch) -> None:
