@@ -28,7 +28,7 @@ VARIANTS = ("marconi", "paper")
 #: and its tuner (α auto, tuned once, on the first window after the first
 #: eviction, scored from a cold start, no memory or hysteresis, grid 0..2 step
 #: 0.1) unless the keys are given explicitly.
-PAPER_TUNER_DEFAULTS = {"alpha": None, "utility_form": "sum", "input_state": False, "tombstones_first": False, "superseded_first": False, "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
+PAPER_TUNER_DEFAULTS = {"alpha": None, "utility_form": "sum", "input_state": False, "tombstones_first": False, "superseded_first": False, "ended_first": False, "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
                         "alpha_grid": PAPER_ALPHA_GRID}
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
@@ -55,10 +55,11 @@ _CHOICES = {
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", "density_reuse",
-          "leader_density_reuse", "tombstones_spare_branches", "superseded_first", "superseded_needs_state")
+          "leader_density_reuse", "tombstones_spare_branches", "superseded_first", "superseded_needs_state",
+          "ended_first")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
-         "leader_hold": 0}
+         "leader_hold": 0, "end_tail_tokens": 1}
 #: Keys that take null or a number (with its minimum).
 _OPTIONAL_NUMBERS = {"alpha_max": 0.0, "efficiency_horizon": 1e-9, "single_budget_gb": 1e-9}
 #: Keys that take a number (with its minimum).
@@ -191,6 +192,18 @@ class MarconiConfig:
     #: same unbranched path (the request resumed from the sequence it revises;
     #: a new conversation after an uncheckpointed system prompt did not).
     superseded_needs_state: bool = False
+    #: Recency order, both pools: a finished request whose last output tokens
+    #: end conversations (learned online, ``policy/session_end.py``: sequences
+    #: with that ending were evicted unanswered, never continued) marks its
+    #: sequence — its leaf and the unbranched path above it — to go first, as
+    #: ``superseded_first`` does. A hit on it, or a request extending it, makes
+    #: it ordinary again and teaches the predictor that the ending continues.
+    ended_first: bool = True
+    #: ... the ending is the last this many output tokens
+    end_tail_tokens: int = 4
+    #: ... and counts as final when P(continued) (posterior mean, uniform
+    #: prior) is at most this
+    end_max_continue: float = 0.1
     #: SSM-state eviction candidates: "narrow" (holders with at most one child,
     #: the paper's rule: a branch point's state serves several children) or
     #: "all" (every unlocked holder, as SGLang's LRU does).
@@ -304,6 +317,10 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             out[key] = _number(key, value)
             if out[key] > 1.0:
                 raise _err(key, value, "must be in [0, 1]")
+        elif key == "end_max_continue":
+            out[key] = _number(key, value)
+            if not 0.0 < out[key] < 1.0:
+                raise _err(key, value, "must be in (0, 1)")
         elif key == "density_decay":
             out[key] = _number(key, value)
             if not 0.0 < out[key] <= 1.0:

@@ -43,7 +43,8 @@ STATE_HEADROOM = 4  # spare state slots: Marconi/SGLang admit <= 2 states per re
 MARCONI_DEFAULT_CONFIG = {"tuner": "inline"}  # the package defaults; replays tune inline (deterministic)
 #: whole-path LRU for KV and states, Marconi's admission without the input-end state
 LRU_CONFIG = {"alpha": 0.0, "utility_form": "sum", "refresh": "path", "kv_refresh": "path", "input_state": False,
-              "tombstones_first": False, "superseded_first": False}
+              "tombstones_first": False, "superseded_first": False,
+              "ended_first": False}
 
 
 class PolicyError(ValueError):

@@ -155,6 +155,7 @@ class MarconiRadixCache(UnifiedRadixCache):
                 # Delete exactly this leaf through SGLang's own leaf eviction.
                 self._evict_device_leaf(node.id, {ct: 0 for ct in self.tree_components})
                 st.counters.leaf_evictions += 1
+                st.leaf_evicted(node)
                 st.record_eviction("single", node, kv, None)
             else:
                 self._tombstone_state(node)

@@ -91,6 +91,9 @@ class MarconiMambaComponent(MambaComponent):
                 st.mark_superseded(node)
             if reason is not None:
                 st.counters.admitted[reason] += 1
+        output_ids = getattr(params, "marconi_output_ids", None)
+        if output_ids is not None:
+            st.request_ended(node, output_ids)
 
     # -- live scheduler path: admission of the request's own states -----------
     def prepare_for_caching_req(self, req, insert_params, token_ids_len, is_finished):
@@ -104,6 +107,7 @@ class MarconiMambaComponent(MambaComponent):
         """
         if is_finished:
             insert_params.marconi_reason = AdmissionReason.LAST_TOKEN
+            insert_params.marconi_output_ids = req.output_ids
             return super().prepare_for_caching_req(req, insert_params, token_ids_len, is_finished)
         branch = getattr(req, "mamba_branching_seqlen", None)
         at = req.kv.mamba_last_track_seqlen if self.cache.enable_mamba_extra_buffer else token_ids_len
@@ -192,6 +196,7 @@ class MarconiMambaComponent(MambaComponent):
             st.state_evicted(x)
             if x in leaves:
                 st.counters.leaf_evictions += 1
+                st.leaf_evicted(x)
                 st.record_eviction("mamba", x, len(x.key), score)
                 self._last_leaf = x
                 return x.id
@@ -247,6 +252,7 @@ class MarconiFullComponent(FullComponent):
             if x not in leaves:
                 continue
             st.counters.leaf_evictions += 1
+            st.leaf_evicted(x)
             if x.component_data[ComponentType.MAMBA].value is not None:
                 st.state_evicted(x)
             st.record_eviction("kv", x, len(x.key), score)

@@ -193,6 +193,8 @@ class CacheDriver:
                 prev_prefix_len=held.protected,  # the tree frees our duplicates past this
             )
             params.marconi_reason = cp.reason
+            if cp.reason is AdmissionReason.LAST_TOKEN:
+                params.marconi_output_ids = tokens[len(input_ids):]
             res = cache.insert(params)
             if res.prefix_len > held.protected:
                 # The tree already had these tokens and freed our copies: use its own.

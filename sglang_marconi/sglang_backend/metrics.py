@@ -42,6 +42,7 @@ GAUGES = {
     "marconi_leader_switches": "utility_form leader: changes of eviction order so far",
     "marconi_leader_replayed": "utility_form leader: finished requests the shadow caches have replayed so far",
     "marconi_superseded_marks": "superseded_first: radix-tree nodes marked as a path a request branched away from",
+    "marconi_ended_marks": "ended_first: finished requests whose sequence was marked as a conversation's likely end",
 }
 
 _KEYS = {
@@ -56,6 +57,7 @@ _KEYS = {
     "marconi_evicted_tokens": "evicted_tokens",
     "marconi_leader_switches": "leader_switches",
     "marconi_superseded_marks": "superseded_marks",
+    "marconi_ended_marks": "ended_marks",
 }
 
 

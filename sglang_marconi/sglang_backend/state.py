@@ -29,6 +29,7 @@ from ..policy.admission import AdmissionReason
 from ..policy.config import MarconiConfig
 from ..policy.hit_density import HitDensity, state_class
 from ..policy.leader import DENSITY, DENSITY_REUSE, RECENCY, LeaderSelector
+from ..policy.session_end import EndPredictor
 from ..policy.tuner import AlphaTuner
 from ..policy.utility import Candidate, EvictionQueue
 
@@ -62,6 +63,7 @@ class MarconiCounters:
     evicted_tokens: int = 0
     leader_switches: int = 0  # utility_form "leader": changes of eviction order
     superseded_marks: int = 0  # superseded_first: nodes marked as left behind by a branch
+    ended_marks: int = 0  # ended_first: finished requests whose sequence was marked as a conversation's end
     eviction_log: list = field(default_factory=list)  # (pool, node_end, tokens, utility), bounded
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,6 +79,7 @@ class MarconiCounters:
             "evicted_tokens": self.evicted_tokens,
             "leader_switches": self.leader_switches,
             "superseded_marks": self.superseded_marks,
+            "ended_marks": self.ended_marks,
         }
 
 
@@ -111,6 +114,10 @@ class MarconiState:
         self.tombstones_first = self.recency_only and config.tombstones_first
         #: ``superseded_first``: also only in that recency order (both pools)
         self.superseded_first = self.recency_only and config.superseded_first
+        #: ``ended_first``: likewise; the predictor learns whichever order evicts
+        self.ended_first = self.recency_only and config.ended_first
+        self.end_predictor: Optional[EndPredictor] = (
+            EndPredictor(config.end_tail_tokens, config.end_max_continue) if config.ended_first else None)
         #: the utility form eviction queues are built with
         self.queue_form = config.utility_form
         self.hit_density: Optional[HitDensity] = None
@@ -135,6 +142,7 @@ class MarconiState:
         self.recency_only = recency
         self.tombstones_first = recency and self.config.tombstones_first
         self.superseded_first = recency and self.config.superseded_first
+        self.ended_first = recency and self.config.ended_first
         self.queue_form = "sum" if recency else "density"
         self.density_reuse = order == DENSITY_REUSE
 
@@ -269,17 +277,19 @@ class MarconiState:
         return cand
 
     def kv_pool_candidate(self, node) -> Candidate:
-        """An eviction candidate of the KV pool (a leaf): with ``superseded_first`` a
-        superseded leaf's stamp is shifted below every other leaf's."""
+        """An eviction candidate of the KV pool (a leaf): with ``superseded_first``
+        / ``ended_first`` a marked leaf's stamp is shifted below every other leaf's."""
         cand = self.eviction_candidate(node, frees_kv=True, pool="kv")
         if self._goes_first_superseded(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
         return cand
 
     def _goes_first_superseded(self, node) -> bool:
-        """``superseded_first``, in the recency order: ``node`` lies on a path a
-        request branched away from (both pools shift it below the rest)."""
-        return self.superseded_first and getattr(node, "marconi_superseded", False)
+        """In the recency order: ``node`` lies on a path a request branched away
+        from (``superseded_first``) or on a conversation's likely last sequence
+        (``ended_first``); both pools shift it below the rest."""
+        return ((self.superseded_first and getattr(node, "marconi_superseded", False))
+                or (self.ended_first and getattr(node, "marconi_ended", False)))
 
     # -- superseded paths ----------------------------------------------------
     def mark_superseded(self, branch) -> None:
@@ -328,13 +338,48 @@ class MarconiState:
             cur = cur.parent
         return False
 
-    @staticmethod
-    def revive(node) -> None:
+    def revive(self, node) -> None:
         """``node`` is in use again (hit, or extended by an insert): it and its
-        superseded ancestors are ordinary again."""
-        while node is not None and getattr(node, "marconi_superseded", False):
-            node.marconi_superseded = False
+        marked ancestors (superseded, ended) are ordinary again; if a finished
+        request's sequence ended at it, that ending was continued."""
+        ending = getattr(node, "marconi_ending", None)
+        if ending is not None:
+            node.marconi_ending = None
+            self.end_predictor.continued(ending)
+        while node is not None and (getattr(node, "marconi_superseded", False) or getattr(node, "marconi_ended", False)):
+            node.marconi_superseded = node.marconi_ended = False
             node = node.parent
+
+    # -- conversation ends ---------------------------------------------------
+    def request_ended(self, node, output_ids) -> None:
+        """A finished request's sequence ends at ``node`` (its last decoded
+        token's state): remember its ending; with ``ended_first``, if the
+        predictor says the ending is final, mark ``node`` and the unbranched
+        path above it (at most ``SUPERSEDED_MARK_MAX`` nodes) to go first."""
+        pred = self.end_predictor
+        if pred is None or node.children:
+            return
+        ending = pred.ending(output_ids)
+        if ending is None:
+            return
+        node.marconi_ending = ending  # open: a hit (continued) or its eviction (unanswered) decides
+        if pred.likely_final(ending):
+            self.counters.ended_marks += 1
+            for _ in range(SUPERSEDED_MARK_MAX):
+                node.marconi_ended = True
+                node = node.parent
+                if node is None or node.parent is None or len(node.children) != 1:
+                    break
+
+    def leaf_evicted(self, node) -> None:
+        """``node`` leaves the tree: a finished request's sequence that ended
+        there was never continued while cached (not counted when it was marked
+        to go first: the mark, not the workload, decided that)."""
+        ending = getattr(node, "marconi_ending", None)
+        if ending is not None:
+            node.marconi_ending = None
+            if not getattr(node, "marconi_ended", False):  # a marked one went first because of the mark
+                self.end_predictor.unanswered(ending)
 
     def _spared_branch(self, node) -> bool:
         """``tombstones_spare_branches``: a branch point's state not hit since it was
