@@ -738,3 +738,84 @@ def test_superseded_needs_state_on_the_path(make_marconi, state_above):
     drv.run(p[:30] + toks(4000, 10), [9])         # r3: branches inside r1's path at 30
     tail = node_ending_at(built, 44)
     assert getattr(tail, "marconi_superseded", False) is state_above
+
+
+FINAL = (8, 9)  #: an ending the tests teach as final (``end_tail_tokens=2``)
+
+
+def _ended_run(make_marconi, continue_r1=False, **cfg):
+    """r2 (ending (6003, 6004)) and then r1 (ending 8, 9: taught final by eight
+    unanswered sequences) are cached, r1 the newer: committed 0..24 and 0..42.
+    With ``continue_r1`` a third request continues r1 (hits its state at 42)."""
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, state_candidates="all", end_tail_tokens=2, **cfg)
+    st = built.cache.marconi
+    if st.end_predictor is not None:
+        for _ in range(8):
+            st.end_predictor.unanswered(FINAL)
+    drv.run(toks(2000, 20), toks(6000, 5))          # r2: leaf 0..24
+    drv.run(toks(1000, 40), [7, 8, 9])               # r1: leaf 0..42, ending (8, 9)
+    if continue_r1:
+        drv.run(toks(1000, 40) + [7, 8, 9] + toks(3000, 5), [1, 2])  # r3: hits 42, leaf 42..49
+    st.log_evictions = True
+    return built
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_ended_first_evicts_a_likely_last_answer_first(make_marconi, flag):
+    """``ended_first``: r1's ending is final (0 continued, 8 unanswered: P = 1/10
+    <= 0.1), so r1's sequence (its KV and its last-token state) goes before r2's
+    older leaf in both pools; without it, plain recency takes r2's leaf first."""
+    built = _ended_run(make_marconi, ended_first=flag)
+    st = built.cache.marconi
+    assert getattr(node_ending_at(built, 42), "marconi_ended", False) is flag
+    assert st.counters.ended_marks == int(flag)
+    assert not getattr(node_ending_at(built, 24), "marconi_ended", False)
+    evict_tokens(built, 1)
+    assert [(end, tokens) for _, end, tokens, _ in st.counters.eviction_log] == ([(42, 42)] if flag else [(24, 24)])
+    if flag:  # the mark made it go first: no evidence either way
+        assert st.end_predictor._stats[FINAL] == [0, 8]
+
+    built = _ended_run(make_marconi, ended_first=flag)
+    evict_states(built, 1)
+    assert [(end, tokens) for _, end, tokens, _ in built.cache.marconi.counters.eviction_log] == (
+        [(42, 42)] if flag else [(24, 24)])
+
+
+def test_ended_sequence_hit_is_ordinary_again_and_teaches_continued(make_marconi):
+    """r3 continues r1 (a hit on its state at 42): r1's path is in use again and
+    the ending (8, 9) counts one continuation; the KV pool evicts by plain
+    recency (r2's leaf, the oldest, first)."""
+    built = _ended_run(make_marconi, continue_r1=True, ended_first=True)
+    st = built.cache.marconi
+    assert st.counters.ended_marks == 1
+    assert not any(getattr(n, "marconi_ended", False) for n in nodes(built))
+    assert st.end_predictor._stats[FINAL] == [1, 8]
+    assert st.end_predictor.p_continue(FINAL) == pytest.approx(2 / 11)  # no longer final
+    evict_tokens(built, 1)
+    assert [(end, tokens) for _, end, tokens, _ in st.counters.eviction_log] == [(24, 24)]
+
+
+def test_ended_first_marks_the_unbranched_path_above_and_learns_from_evictions(make_marconi):
+    """A final ending marks its leaf and the unbranched path above it, up to the
+    first node other requests share: rB continues rA (a hit at 31: rA's ending
+    (1, 2) continued), checkpoints its input end (37) and ends at 39 with the
+    final ending; marked are 37..39, 31..37 and rA's 10..31, not 0..10 (shared
+    with r0). Evicted unanswered and unmarked, r0's ending counts against it."""
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, state_candidates="all", input_state=True,
+                              ended_first=True, end_tail_tokens=2)
+    st = built.cache.marconi
+    q = toks(1000, 30)
+    drv.run(q[:10] + toks(8000, 10), [5, 6, 4])       # r0: ending (6, 4), leaf 0..22
+    drv.run(q, [1, 2])                                 # rA: branch at 10, ending (1, 2) at 31
+    for _ in range(8):
+        st.end_predictor.unanswered(FINAL)
+    drv.run(q + [1, 2] + toks(3000, 5), [7, 8, 9])     # rB: hits 31, input end 37, ending (8, 9) at 39
+    assert st.counters.ended_marks == 1
+    for end in (39, 37, 31):
+        assert getattr(node_ending_at(built, end), "marconi_ended", False), end
+    assert not getattr(node_ending_at(built, 10), "marconi_ended", False)  # two children: shared
+    assert not getattr(node_ending_at(built, 22), "marconi_ended", False)
+    assert st.end_predictor._stats[(1, 2)] == [1, 0]
+    evict_all(built)
+    assert st.end_predictor._stats[(6, 4)] == [0, 1]   # r0's, evicted unanswered
+    assert st.end_predictor._stats[FINAL] == [0, 8]    # rB's went first because of the mark

@@ -57,12 +57,15 @@ VARIANTS = {
     "single_budget": dict(alpha=1.0, variant="paper", single=True),
     "refresh_path": dict(alpha=0.5, refresh="path"),
     # the package default (issue 6): α = 0 with the input-end state
-    "default": dict(alpha=0.0, input_state=True, tombstones_first=True, superseded_first=True),
+    # (ended_first with a hair trigger: 2-token endings over a 4-token vocabulary, final at P(continued) <= 0.4)
+    "default": dict(alpha=0.0, input_state=True, tombstones_first=True, superseded_first=True,
+                    ended_first=True, end_tail_tokens=2, end_max_continue=0.4),
     "density": dict(utility_form="density", input_state=True, density_period=4),
     "density_reuse": dict(utility_form="density", density_reuse=True, input_state=True, density_period=4),
     # follow the leader with a hair trigger: the live order flips between recency and the two
     # density orders all the time
-    "leader": dict(utility_form="leader", input_state=True, tombstones_first=True, superseded_first=True, density_period=4,
+    "leader": dict(utility_form="leader", input_state=True, tombstones_first=True, superseded_first=True,
+                   ended_first=True, end_tail_tokens=2, end_max_continue=0.4, density_period=4,
                    leader_horizon=2, leader_margin=0.0, leader_guard=0.0, leader_hold=0),
 }
 
@@ -70,6 +73,7 @@ OPS_DONE: dict[str, int] = {}
 LEADER_SWITCHES: list = []
 LEADER_ORDERS: set = set()  #: every order the hair-trigger leader evicted by
 SUPERSEDED_MARKS: dict = {}  #: variant -> nodes marked superseded over all examples
+ENDED_MARKS: dict = {}  #: variant -> finished requests marked as a conversation's end over all examples
 
 POOLS = dict(kv_slots=600, mamba_slots=10, kv_budget=90, state_budget=4)
 
@@ -334,6 +338,7 @@ def _run_ops(make_marconi, variant, ops):
     w.finish()
     OPS_DONE[variant] = OPS_DONE.get(variant, 0) + len(ops)
     SUPERSEDED_MARKS[variant] = SUPERSEDED_MARKS.get(variant, 0) + c.superseded_marks
+    ENDED_MARKS[variant] = ENDED_MARKS.get(variant, 0) + c.ended_marks
     return c
 
 
@@ -355,6 +360,8 @@ def test_random_operation_sequences(make_marconi, variant):
     assert sorted(evictions)[len(evictions) // 2] > 50
     if VARIANTS[variant].get("superseded_first"):  # branch points inside paths happened, paths were marked
         assert SUPERSEDED_MARKS[variant] > EXAMPLES, SUPERSEDED_MARKS
+    if VARIANTS[variant].get("ended_first"):  # endings were learned final and sequences marked
+        assert ENDED_MARKS[variant] > EXAMPLES, ENDED_MARKS
     if variant == "leader":  # the orders really evicted
         assert sum(s > 0 for s in LEADER_SWITCHES) >= EXAMPLES // 2, LEADER_SWITCHES
         assert LEADER_ORDERS == {RECENCY, DENSITY, DENSITY_REUSE}, LEADER_ORDERS

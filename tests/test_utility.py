@@ -308,6 +308,8 @@ def test_parse_config_defaults():
     assert cfg.tombstones_spare_branches  # a branch state not hit yet is not a tombstone-first candidate
     # the path a request branched away from (sharing at least half of it) goes first
     assert cfg.superseded_first and cfg.superseded_min_shared == 0.5
+    assert cfg.ended_first and cfg.end_tail_tokens == 4 and cfg.end_max_continue == 0.1
+    assert not parse_config({"variant": "paper"}).ended_first
     assert parse_config({"superseded_min_shared": 0}).superseded_min_shared == 0.0
     # α other than 0 selects the α utility unless the form is given
     assert parse_config({"alpha": "auto"}).utility_form == parse_config({"alpha": 1}).utility_form == "sum"
@@ -431,6 +433,11 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"leader_density_reuse": 1}, "leader_density_reuse"),
         ({"tombstones_spare_branches": "no"}, "tombstones_spare_branches"),
         ({"superseded_first": "on"}, "superseded_first"),
+        ({"ended_first": "yes"}, "ended_first"),
+        ({"end_tail_tokens": 0}, "end_tail_tokens"),
+        ({"end_tail_tokens": 2.5}, "end_tail_tokens"),
+        ({"end_max_continue": 1.0}, "end_max_continue"),
+        ({"end_max_continue": 0}, "end_max_continue"),
         ({"superseded_needs_state": 1}, "superseded_needs_state"),
         ({"superseded_min_shared": 1.5}, "superseded_min_shared"),
         ({"superseded_min_shared": -0.1}, "superseded_min_shared"),
