@@ -194,3 +194,32 @@ def test_no_input_end_checkpoint_when_a_branch_point_is_planned(make_marconi):
     finish_req(cache, req, len(tokens) + 1)
     c = cache.marconi.counters.as_dict()
     assert (c["admitted_branch_point"], c["admitted_input_end"], c["admitted_last_token"]) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_finished_request_hands_its_ending_to_ended_first(make_marconi, final):
+    """SGLang's finish path gives ``ended_first`` the request's output: the node the
+    finished sequence ends at keeps its ending (the last 2 output tokens here),
+    and when that ending has been taught final the sequence is marked to go first."""
+    from sglang.test.mem_cache_utils import finish_req
+
+    built, _ = make_marconi(kv_slots=512, mamba_slots=8, ended_first=True, end_tail_tokens=2)
+    cache = built.cache
+    st = cache.marconi
+    if final:
+        for _ in range(8):
+            st.end_predictor.unanswered((903, 904))
+    tokens = list(range(600, 630))
+    req = _req(built, "r3", tokens)
+    req.mamba_branching_seqlen = None
+    _decode(built, req, [901, 902, 903, 904])
+    finish_req(cache, req, len(tokens) + 3)
+    (node,) = [n for n in cache.tree_core.root_node.children.values()]  # one sequence, one leaf
+    assert st.node_end(node) == len(tokens) + 3 and not node.children
+    assert node.marconi_ending == (903, 904)
+    assert getattr(node, "marconi_ended", False) is final
+    assert st.counters.ended_marks == int(final)
+    assert _match(built, tokens + [901, 902, 903, 7]).device_prefix_len == len(tokens) + 3
+    # the match above hit the sequence's end: the ending counted as continued, the mark lifted
+    assert st.end_predictor._stats[(903, 904)] == [1, 8 if final else 0]
+    assert not getattr(node, "marconi_ended", False)
