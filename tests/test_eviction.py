@@ -819,3 +819,18 @@ def test_ended_first_marks_the_unbranched_path_above_and_learns_from_evictions(m
     evict_all(built)
     assert st.end_predictor._stats[(6, 4)] == [0, 1]   # r0's, evicted unanswered
     assert st.end_predictor._stats[FINAL] == [0, 8]    # rB's went first because of the mark
+
+
+@pytest.mark.parametrize("shared, continued", [(30, True), (5, False)])
+def test_a_revision_of_a_finished_sequence_counts_its_ending_as_continued(make_marconi, shared, continued):
+    """r3 branches inside r1's sequence (0..42, ending (8, 9)) at ``shared``: sharing
+    30/42 it revises r1 (an agent that dropped part of its history), so the
+    conversation went on and r1's ending counts as continued; sharing 5 tokens
+    it is another conversation and r1's ending stays open."""
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, ended_first=True, end_tail_tokens=2)
+    st = built.cache.marconi
+    p = toks(1000, 40)
+    drv.run(p, [7, 8, 9])
+    drv.run(p[:shared] + toks(4000, 10), [1, 2])
+    assert st.end_predictor._stats.get(FINAL, [0, 0]) == ([1, 0] if continued else [0, 0])
+    assert (getattr(node_ending_at(built, 42), "marconi_ending", None) is None) is continued

@@ -140,6 +140,43 @@ def test_density_queue_orders_by_density_times_value_per_byte():
         EvictionQueue(cands, 0.0, now, "density")
 
 
+def test_density_queue_ranks_a_dead_candidate_first():
+    """``Candidate.dead`` (``ended_in_density``: a conversation's likely last
+    sequence): before every candidate the density rank scores, even one with
+    density 0, and older first among the dead."""
+    hd = _hot_and_cold_classes()
+    now = 100.0
+    cands = [
+        Candidate("stale", now - 50, flops_saved=1000.0, nbytes=10, cls=0, tokens_saved=50),
+        Candidate("young-hot-dead", now - 3, flops_saved=100.0, nbytes=10, cls=0, tokens_saved=5, dead=True),
+        Candidate("young-hot", now - 3, flops_saved=100.0, nbytes=10, cls=0, tokens_saved=5),
+        Candidate("older-dead", now - 4, flops_saved=100.0, nbytes=10, cls=0, tokens_saved=5, dead=True),
+    ]
+    q = EvictionQueue(cands, 0.0, now, "density", density=hd)
+    assert [q.pop().key for _ in range(4)] == ["older-dead", "young-hot-dead", "stale", "young-hot"]
+    # the recency forms do not read the flag (the state shifts the stamps there)
+    q = EvictionQueue(cands, 0.0, now, "sum")
+    assert [q.pop().key for _ in range(4)] == ["stale", "older-dead", "young-hot-dead", "young-hot"]
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_ended_in_density_evicts_a_marked_sequence_first(make_marconi, flag):
+    """Evicting by density (nothing learned yet: density ranks like recency),
+    r1's sequence — newer, its ending (8, 9) taught final — goes before r2's
+    only with ``ended_in_density``."""
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, utility_form="density", density_period=1000,
+                              ended_first=True, end_tail_tokens=2, ended_in_density=flag)
+    st = built.cache.marconi
+    for _ in range(8):
+        st.end_predictor.unanswered((8, 9))
+    drv.run(toks(2000, 20), toks(6000, 5))   # r2: 0..24
+    drv.run(toks(1000, 40), [7, 8, 9])       # r1: 0..42, marked
+    assert st.counters.ended_marks == 1
+    st.log_evictions = True
+    built.cache.evict(EvictParams(num_tokens=1))
+    assert [end for _, end, _, _ in st.counters.eviction_log] == ([42] if flag else [24])
+
+
 # ------------------------------------------------------------------ through the real cache
 
 

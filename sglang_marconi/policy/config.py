@@ -56,7 +56,7 @@ _CHOICES = {
 }
 _BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", "density_reuse",
           "leader_density_reuse", "tombstones_spare_branches", "superseded_first", "superseded_needs_state",
-          "ended_first")
+          "ended_first", "ended_in_density")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "leader_hold": 0, "end_tail_tokens": 1}
@@ -204,6 +204,9 @@ class MarconiConfig:
     #: ... and counts as final when P(continued) (posterior mean, uniform
     #: prior) is at most this
     end_max_continue: float = 0.1
+    #: ... and the density orders rank a marked sequence before every other
+    #: candidate too (ties by age)
+    ended_in_density: bool = False
     #: SSM-state eviction candidates: "narrow" (holders with at most one child,
     #: the paper's rule: a branch point's state serves several children) or
     #: "all" (every unlocked holder, as SGLang's LRU does).

@@ -47,6 +47,9 @@ class Candidate:
     #: saves; only ``utility_form="density"`` reads them.
     cls: int = 0
     tokens_saved: int = 0
+    #: Predicted dead (a conversation's likely last sequence): the density form
+    #: ranks it before every candidate it has a density for (ties by age).
+    dead: bool = False
 
     @property
     def efficiency(self) -> float:
@@ -137,6 +140,8 @@ class EvictionQueue:
 
     def _density_score(self, c: Candidate) -> float:
         """Expected value per byte per unit of cache-time (``hit_density``)."""
+        if c.dead:
+            return -1.0
         if c.nbytes <= 0:
             return 0.0
         value = c.tokens_saved if self.value == "tokens" else c.flops_saved

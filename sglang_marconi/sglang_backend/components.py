@@ -88,7 +88,7 @@ class MarconiMambaComponent(MambaComponent):
             reason = getattr(params, "marconi_reason", None)
             node.marconi_branch = reason is AdmissionReason.BRANCH_POINT
             if node.marconi_branch:
-                st.mark_superseded(node)
+                st.on_branch_admitted(node)
             if reason is not None:
                 st.counters.admitted[reason] += 1
         output_ids = getattr(params, "marconi_output_ids", None)

@@ -255,6 +255,7 @@ class MarconiState:
         if self.hit_density is not None:
             cand.cls = self.state_class(node)
             cand.tokens_saved = end - replay_from if has_state else 0
+            cand.dead = self.config.ended_in_density and getattr(node, "marconi_ended", False)
         return cand
 
     def eviction_candidate(self, node, *, frees_kv: bool, pool: str = "state") -> Candidate:
@@ -292,21 +293,21 @@ class MarconiState:
                 or (self.ended_first and getattr(node, "marconi_ended", False)))
 
     # -- superseded paths ----------------------------------------------------
-    def mark_superseded(self, branch) -> None:
+    def on_branch_admitted(self, branch) -> None:
         """A request admitted a branch point at ``branch``, a node with one child:
         the path through it had no branch there. If the request shares at least
         ``superseded_min_shared`` of that sequence (root to ``branch`` against
         root to the end of the child's subtree), it is a revision of it (an agent
-        that dropped or edited part of its history, a re-rendered answer) and the
-        child's subtree is the part it left: marked, while ``superseded_first`` is
-        configured, whichever order evicts now (the leader may switch back to
-        recency). A request that shares only a short common prefix (another
-        conversation after the same system prompt) marks nothing; nor does a
-        subtree of more than ``SUPERSEDED_MARK_MAX`` nodes."""
+        that dropped or edited part of its history, a re-rendered answer): the
+        conversation goes on, so the endings of requests that finished in the
+        child's subtree were continued (``ended_first``), and that subtree is
+        the part it left: marked, while ``superseded_first`` is configured,
+        whichever order evicts now (the leader may switch back to recency). A
+        request that shares only a short common prefix (another conversation
+        after the same system prompt) does neither; nor does a subtree of more
+        than ``SUPERSEDED_MARK_MAX`` nodes."""
         cfg = self.config
-        if not cfg.superseded_first or len(branch.children) != 1:
-            return
-        if cfg.superseded_needs_state and not self._state_above_on_path(branch):
+        if len(branch.children) != 1 or not (cfg.superseded_first or self.end_predictor is not None):
             return
         subtree, tokens = [], 0
         stack = list(branch.children.values())
@@ -319,6 +320,10 @@ class MarconiState:
             stack.extend(x.children.values())
         shared = self.node_end(branch)
         if shared < cfg.superseded_min_shared * (shared + tokens):
+            return
+        for x in subtree:
+            self._ending_continued(x)
+        if not cfg.superseded_first or (cfg.superseded_needs_state and not self._state_above_on_path(branch)):
             return
         for x in subtree:
             x.marconi_superseded = True
@@ -342,10 +347,7 @@ class MarconiState:
         """``node`` is in use again (hit, or extended by an insert): it and its
         marked ancestors (superseded, ended) are ordinary again; if a finished
         request's sequence ended at it, that ending was continued."""
-        ending = getattr(node, "marconi_ending", None)
-        if ending is not None:
-            node.marconi_ending = None
-            self.end_predictor.continued(ending)
+        self._ending_continued(node)
         while node is not None and (getattr(node, "marconi_superseded", False) or getattr(node, "marconi_ended", False)):
             node.marconi_superseded = node.marconi_ended = False
             node = node.parent
@@ -370,6 +372,12 @@ class MarconiState:
                 node = node.parent
                 if node is None or node.parent is None or len(node.children) != 1:
                     break
+
+    def _ending_continued(self, node) -> None:
+        ending = getattr(node, "marconi_ending", None)
+        if ending is not None:
+            node.marconi_ending = None
+            self.end_predictor.continued(ending)
 
     def leaf_evicted(self, node) -> None:
         """``node`` leaves the tree: a finished request's sequence that ended
