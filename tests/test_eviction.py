@@ -834,3 +834,32 @@ def test_a_revision_of_a_finished_sequence_counts_its_ending_as_continued(make_m
     drv.run(p[:shared] + toks(4000, 10), [1, 2])
     assert st.end_predictor._stats.get(FINAL, [0, 0]) == ([1, 0] if continued else [0, 0])
     assert (getattr(node_ending_at(built, 42), "marconi_ending", None) is None) is continued
+
+
+def test_sequence_labels_take_back_an_unanswered_label_when_the_conversation_continues(make_marconi):
+    """``end_labels: "sequence"``: r1 (128 + 2 tokens, ending (8, 9)) is evicted before
+    r2 continues it, so its ending is first counted unanswered; r2's input holds
+    r1's first two 64-token blocks (at least half of r1), so the label is taken
+    back: one continuation, no unanswered. A continuation r1 is still cached for
+    counts once (the hit itself is not counted again)."""
+    p = toks(1000, 128)
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, ended_first=True, end_tail_tokens=2,
+                              end_labels="sequence")
+    st = built.cache.marconi
+    drv.run(p, [7, 8, 9])
+    evict_all(built)
+    assert st.end_predictor._stats[FINAL] == [0, 1]
+    drv.run(toks(5000, 70), [1, 2, 3])               # another conversation: no label moves
+    assert st.end_predictor._stats[FINAL] == [0, 1]
+    drv.run(p + [7, 8] + toks(3000, 5), [4, 5, 6])   # r2 continues r1 (a miss: r1 is gone)
+    assert st.end_predictor._stats[FINAL] == [1, 0]
+
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, ended_first=True, end_tail_tokens=2,
+                              end_labels="sequence")
+    st = built.cache.marconi
+    drv.run(p, [7, 8, 9])
+    res = drv.run(p + [7, 8] + toks(3000, 5), [4, 5, 6])  # a hit on r1's end
+    assert res.hit_len == 130
+    assert st.end_predictor._stats[FINAL] == [1, 0]
+    evict_all(built)  # r1's ending is resolved: its eviction is not counted
+    assert st.end_predictor._stats[FINAL] == [1, 0]

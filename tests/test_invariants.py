@@ -59,7 +59,7 @@ VARIANTS = {
     # the package default (issue 6): α = 0 with the input-end state
     # (ended_first with a hair trigger: 2-token endings over a 4-token vocabulary, final at P(continued) <= 0.4)
     "default": dict(alpha=0.0, input_state=True, tombstones_first=True, superseded_first=True,
-                    ended_first=True, end_tail_tokens=2, end_max_continue=0.4),
+                    ended_first=True, end_tail_tokens=2, end_max_continue=0.4, end_labels="sequence"),
     "density": dict(utility_form="density", input_state=True, density_period=4),
     "density_reuse": dict(utility_form="density", density_reuse=True, input_state=True, density_period=4),
     # follow the leader with a hair trigger: the live order flips between recency and the two

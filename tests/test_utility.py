@@ -309,6 +309,7 @@ def test_parse_config_defaults():
     # the path a request branched away from (sharing at least half of it) goes first
     assert cfg.superseded_first and cfg.superseded_min_shared == 0.5
     assert cfg.ended_first and cfg.end_tail_tokens == 4 and cfg.end_max_continue == 0.1
+    assert cfg.end_labels == "sequence" and not cfg.ended_in_density
     assert not parse_config({"variant": "paper"}).ended_first
     assert parse_config({"superseded_min_shared": 0}).superseded_min_shared == 0.0
     # α other than 0 selects the α utility unless the form is given
@@ -438,6 +439,7 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"end_tail_tokens": 2.5}, "end_tail_tokens"),
         ({"end_max_continue": 1.0}, "end_max_continue"),
         ({"end_max_continue": 0}, "end_max_continue"),
+        ({"end_labels": "tree"}, "end_labels"),
         ({"superseded_needs_state": 1}, "superseded_needs_state"),
         ({"superseded_min_shared": 1.5}, "superseded_min_shared"),
         ({"superseded_min_shared": -0.1}, "superseded_min_shared"),

@@ -39,6 +39,7 @@ RECENCY_KINDS = ("inverse", "linear")
 UTILITY_FORMS = ("sum", "product", "density", "leader")
 DENSITY_VALUES = ("flops", "tokens")
 DENSITY_RANKS = ("dead_first", "full")
+END_LABELS = ("cache", "sequence")
 
 #: Keys whose value is one of a fixed set of strings.
 _CHOICES = {
@@ -52,6 +53,7 @@ _CHOICES = {
     "utility_form": UTILITY_FORMS,
     "density_value": DENSITY_VALUES,
     "density_rank": DENSITY_RANKS,
+    "end_labels": END_LABELS,
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", "density_reuse",
@@ -204,6 +206,12 @@ class MarconiConfig:
     #: ... and counts as final when P(continued) (posterior mean, uniform
     #: prior) is at most this
     end_max_continue: float = 0.1
+    #: ... where the labels come from: "cache" (continued = a later request hit,
+    #: extended or revised the sequence while it was cached; unanswered = it was
+    #: evicted first) or "sequence" (continued = a later request's input shares at
+    #: least ``superseded_min_shared`` of it, cached or not — an unanswered label
+    #: given at eviction is taken back then)
+    end_labels: str = "sequence"
     #: ... and the density orders rank a marked sequence before every other
     #: candidate too (ties by age)
     ended_in_density: bool = False

@@ -66,6 +66,12 @@ class EndPredictor:
     def unanswered(self, ending: tuple) -> None:
         self._entry(ending)[1] += 1
 
+    def continued_after_all(self, ending: tuple) -> None:
+        """A sequence counted unanswered (evicted first) was continued later."""
+        e = self._entry(ending)
+        e[0] += 1
+        e[1] = max(e[1] - 1, 0)
+
     def p_continue(self, ending: tuple) -> float:
         """Posterior mean of "a sequence with this ending is continued" (0.5 if unseen)."""
         c, u = self._stats.get(ending, (0, 0))

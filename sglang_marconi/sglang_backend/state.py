@@ -21,7 +21,7 @@ Node bookkeeping is stored as plain attributes on SGLang's ``UnifiedTreeNode``:
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -89,6 +89,20 @@ EVICTION_LOG_MAX = 10_000
 TOMBSTONE_FIRST_SHIFT = 1e15
 #: ``superseded_first``: most nodes one branch point marks (bounds the walk).
 SUPERSEDED_MARK_MAX = 256
+#: ``end_labels: "sequence"``: block size of the sequence hashes, and most
+#: finished sequences waiting for a continuation (oldest forgotten first).
+SEQUENCE_BLOCK = 64
+PENDING_ENDINGS_MAX = 65536
+
+
+def _block_hashes(tokens, blocks: int) -> list[int]:
+    """Chain hashes of the first ``blocks`` full ``SEQUENCE_BLOCK``-token blocks:
+    equal at block i iff (up to hash collisions) the first i + 1 blocks are."""
+    out, h = [], 0
+    for i in range(blocks):
+        h = hash((h, tuple(tokens[i * SEQUENCE_BLOCK:(i + 1) * SEQUENCE_BLOCK])))
+        out.append(h)
+    return out
 
 
 def _stamp(node, pool: str) -> float:
@@ -118,6 +132,11 @@ class MarconiState:
         self.ended_first = self.recency_only and config.ended_first
         self.end_predictor: Optional[EndPredictor] = (
             EndPredictor(config.end_tail_tokens, config.end_max_continue) if config.ended_first else None)
+        #: ``end_labels: "sequence"``: finished sequences not continued yet, by the
+        #: chain hash of their first blocks -> [ending, node, counted unanswered]
+        self.sequence_labels = self.end_predictor is not None and config.end_labels == "sequence"
+        self._pending_endings: "OrderedDict[int, list]" = OrderedDict()
+        self._last_ended = None  # (node, ending) of the finished request being inserted
         #: the utility form eviction queues are built with
         self.queue_form = config.utility_form
         self.hit_density: Optional[HitDensity] = None
@@ -365,6 +384,7 @@ class MarconiState:
         if ending is None:
             return
         node.marconi_ending = ending  # open: a hit (continued) or its eviction (unanswered) decides
+        self._last_ended = (node, ending)
         if pred.likely_final(ending):
             self.counters.ended_marks += 1
             for _ in range(SUPERSEDED_MARK_MAX):
@@ -375,7 +395,7 @@ class MarconiState:
 
     def _ending_continued(self, node) -> None:
         ending = getattr(node, "marconi_ending", None)
-        if ending is not None:
+        if ending is not None and not self.sequence_labels:
             node.marconi_ending = None
             self.end_predictor.continued(ending)
 
@@ -388,6 +408,50 @@ class MarconiState:
             node.marconi_ending = None
             if not getattr(node, "marconi_ended", False):  # a marked one went first because of the mark
                 self.end_predictor.unanswered(ending)
+                entry = getattr(node, "marconi_pending", None)
+                if entry is not None:
+                    entry[2] = True
+
+    def _sequence_labels(self, input_ids, output_ids) -> None:
+        """``end_labels: "sequence"``: a finished request whose input shares the
+        first blocks of an earlier finished sequence (at least
+        ``superseded_min_shared`` of it, in ``SEQUENCE_BLOCK``-token blocks)
+        continued it, cached or not; then this request's own sequence waits."""
+        pred = self.end_predictor
+        pending = self._pending_endings
+        hashes = _block_hashes(input_ids, len(input_ids) // SEQUENCE_BLOCK)
+        for h in hashes:
+            entry = pending.pop(h, None)
+            if entry is not None:
+                ending, node, counted = entry
+                if counted:
+                    pred.continued_after_all(ending)
+                else:
+                    pred.continued(ending)
+                    if node.marconi_ending == ending:
+                        node.marconi_ending = None
+                node.marconi_pending = None
+        last, self._last_ended = self._last_ended, None
+        if last is None:
+            return
+        node, ending = last
+        committed = list(input_ids) + list(output_ids[:-1])
+        n = len(committed)
+        blocks = -(-int(self.config.superseded_min_shared * n) // SEQUENCE_BLOCK)
+        if blocks * SEQUENCE_BLOCK > n:
+            blocks = n // SEQUENCE_BLOCK
+        if blocks == 0:
+            return
+        if blocks <= len(hashes):
+            key = hashes[blocks - 1]
+        else:
+            key = _block_hashes(committed, blocks)[-1]
+        entry = [ending, node, False]
+        pending[key] = entry
+        node.marconi_pending = entry
+        if len(pending) > PENDING_ENDINGS_MAX:
+            _, (_, old, _) = pending.popitem(last=False)
+            old.marconi_pending = None
 
     def _spared_branch(self, node) -> bool:
         """``tombstones_spare_branches``: a branch point's state not hit since it was
@@ -425,6 +489,8 @@ class MarconiState:
 
     def on_request_finished(self, input_ids, output_ids) -> None:
         self.requests_finished += 1
+        if self.sequence_labels:
+            self._sequence_labels(input_ids, output_ids)
         if self.tuner is not None:
             self.tuner.on_request_finished(input_ids, output_ids)
         if self.shadows is not None:
