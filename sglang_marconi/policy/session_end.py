@@ -9,9 +9,14 @@ arrivals that is the only thing an online policy can know about the future
 way, so the last few tokens of the completion are a feature:
 
 * each finished request's ending is its last ``tail_tokens`` output tokens;
-* an ending is *continued* when a later request hits or extends the sequence
-  it ended while it is cached, and *unanswered* when that sequence is evicted
-  first;
+* an ending is *unanswered* when the sequence it ended is evicted first, and
+  *continued* when a later request continues that sequence: with the cache's
+  labels (``end_labels: "cache"``) only by hitting, extending or revising it
+  while it is cached; with the sequence labels (the default) whenever a later
+  request's input shares at least half of it, cached or not — an unanswered
+  label is then taken back (:meth:`EndPredictor.continued_after_all`), so a
+  tight budget that evicts everything before its continuation arrives does not
+  teach non-final endings final;
 * an ending is *likely final* when the posterior mean of "continued"
   (``(continued + 1) / (resolved + 2)``, a uniform prior) is at most
   ``max_continue``: with the default 0.1 that takes at least 8 unanswered
