@@ -863,3 +863,36 @@ def test_sequence_labels_take_back_an_unanswered_label_when_the_conversation_con
     assert st.end_predictor._stats[FINAL] == [1, 0]
     evict_all(built)  # r1's ending is resolved: its eviction is not counted
     assert st.end_predictor._stats[FINAL] == [1, 0]
+
+
+def test_sequence_labels_a_sequence_mostly_output_is_keyed_past_its_input(make_marconi):
+    """r1's input (40 tokens) holds no full block, its sequence (40 + 99 committed
+    tokens) is keyed by its first two blocks, hashed on from the input's chain
+    into the output: r2, whose input starts with all of r1, continues it; r3,
+    which shares only r1's input, would not have."""
+    p, out = toks(1000, 40), toks(2000, 100)
+    for follow, continued in ((p + out[:-1] + toks(3000, 5), True), (p + toks(4000, 120), False)):
+        built, drv = make_marconi(kv_slots=4096, mamba_slots=32, ended_first=True, end_tail_tokens=2,
+                                  end_labels="sequence")
+        st = built.cache.marconi
+        drv.run(p, out)
+        evict_all(built)
+        drv.run(follow, [1, 2, 3])
+        ending = tuple(out[-2:])
+        assert st.end_predictor._stats[ending] == ([1, 0] if continued else [0, 1])
+
+
+def test_block_hashes_extend_a_prefix_chain():
+    """Hashing on from a prefix's chain gives the chain of the whole sequence."""
+    from hypothesis import given, settings, strategies as stn
+    from sglang_marconi.sglang_backend.state import SEQUENCE_BLOCK, _block_hashes
+
+    @settings(max_examples=60, deadline=None)
+    @given(stn.lists(stn.integers(0, 5), max_size=5 * SEQUENCE_BLOCK + 7), stn.integers(0, 6), stn.integers(0, 6))
+    def check(tokens, prefix_blocks, blocks):
+        full = len(tokens) // SEQUENCE_BLOCK
+        prefix_blocks, blocks = min(prefix_blocks, full), min(blocks, full)
+        chain = _block_hashes(tokens[: prefix_blocks * SEQUENCE_BLOCK], prefix_blocks)
+        assert _block_hashes(tokens, blocks, chain) == _block_hashes(tokens, blocks)
+
+    check()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..policy.admission import AdmissionReason
 from ..policy.config import MarconiConfig
@@ -95,14 +95,25 @@ SEQUENCE_BLOCK = 64
 PENDING_ENDINGS_MAX = 65536
 
 
-def _block_hashes(tokens, blocks: int) -> list[int]:
+def _block_hashes(tokens, blocks: int, chain: Sequence[int] = ()) -> list[int]:
     """Chain hashes of the first ``blocks`` full ``SEQUENCE_BLOCK``-token blocks:
-    equal at block i iff (up to hash collisions) the first i + 1 blocks are."""
-    out, h = [], 0
-    for i in range(blocks):
+    equal at block i iff (up to hash collisions) the first i + 1 blocks are.
+    ``chain``: the hashes of ``tokens``' leading blocks already computed (of a
+    prefix of ``tokens``); only the blocks after them are hashed."""
+    out = list(chain[:blocks])
+    h = out[-1] if out else 0
+    for i in range(len(out), blocks):
         h = hash((h, tuple(tokens[i * SEQUENCE_BLOCK:(i + 1) * SEQUENCE_BLOCK])))
         out.append(h)
     return out
+
+
+@dataclass(slots=True)
+class _PendingEnding:
+    """``end_labels: "sequence"``: a finished sequence no later input has continued yet."""
+    ending: tuple
+    node: Any  #: the node the sequence ended at (its ``marconi_pending`` points back here)
+    counted_unanswered: bool = False  #: its node was evicted first and the ending counted unanswered
 
 
 def _stamp(node, pool: str) -> float:
@@ -135,7 +146,7 @@ class MarconiState:
         #: ``end_labels: "sequence"``: finished sequences not continued yet, by the
         #: chain hash of their first blocks -> [ending, node, counted unanswered]
         self.sequence_labels = self.end_predictor is not None and config.end_labels == "sequence"
-        self._pending_endings: "OrderedDict[int, list]" = OrderedDict()
+        self._pending_endings: "OrderedDict[int, _PendingEnding]" = OrderedDict()
         self._last_ended = None  # (node, ending) of the finished request being inserted
         #: the utility form eviction queues are built with
         self.queue_form = config.utility_form
@@ -292,7 +303,7 @@ class MarconiState:
         cand = self.eviction_candidate(node, frees_kv=frees_kv)
         if self.tombstones_first and node.children and not self._spared_branch(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
-        elif self._goes_first_superseded(node):
+        elif self._goes_first(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
         return cand
 
@@ -300,11 +311,11 @@ class MarconiState:
         """An eviction candidate of the KV pool (a leaf): with ``superseded_first``
         / ``ended_first`` a marked leaf's stamp is shifted below every other leaf's."""
         cand = self.eviction_candidate(node, frees_kv=True, pool="kv")
-        if self._goes_first_superseded(node):
+        if self._goes_first(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
         return cand
 
-    def _goes_first_superseded(self, node) -> bool:
+    def _goes_first(self, node) -> bool:
         """In the recency order: ``node`` lies on a path a request branched away
         from (``superseded_first``) or on a conversation's likely last sequence
         (``ended_first``); both pools shift it below the rest."""
@@ -410,7 +421,7 @@ class MarconiState:
                 self.end_predictor.unanswered(ending)
                 entry = getattr(node, "marconi_pending", None)
                 if entry is not None:
-                    entry[2] = True
+                    entry.counted_unanswered = True
 
     def _sequence_labels(self, input_ids, output_ids) -> None:
         """``end_labels: "sequence"``: a finished request whose input shares the
@@ -423,12 +434,12 @@ class MarconiState:
         for h in hashes:
             entry = pending.pop(h, None)
             if entry is not None:
-                ending, node, counted = entry
-                if counted:
-                    pred.continued_after_all(ending)
+                node = entry.node
+                if entry.counted_unanswered:
+                    pred.continued_after_all(entry.ending)
                 else:
-                    pred.continued(ending)
-                    if node.marconi_ending == ending:
+                    pred.continued(entry.ending)
+                    if node.marconi_ending == entry.ending:
                         node.marconi_ending = None
                 node.marconi_pending = None
         last, self._last_ended = self._last_ended, None
@@ -442,16 +453,14 @@ class MarconiState:
             blocks = n // SEQUENCE_BLOCK
         if blocks == 0:
             return
-        if blocks <= len(hashes):
-            key = hashes[blocks - 1]
-        else:
-            key = _block_hashes(committed, blocks)[-1]
-        entry = [ending, node, False]
+        # the committed sequence starts with the input: extend the input's chain
+        key = _block_hashes(committed, blocks, hashes)[-1]
+        entry = _PendingEnding(ending, node)
         pending[key] = entry
         node.marconi_pending = entry
         if len(pending) > PENDING_ENDINGS_MAX:
-            _, (_, old, _) = pending.popitem(last=False)
-            old.marconi_pending = None
+            _, old = pending.popitem(last=False)
+            old.node.marconi_pending = None
 
     def _spared_branch(self, node) -> bool:
         """``tombstones_spare_branches``: a branch point's state not hit since it was
