@@ -65,7 +65,7 @@ VARIANTS = {
     # follow the leader with a hair trigger: the live order flips between recency and the two
     # density orders all the time
     "leader": dict(utility_form="leader", input_state=True, tombstones_first=True, superseded_first=True,
-                   ended_first=True, end_tail_tokens=2, end_max_continue=0.4, density_period=4,
+                   ended_first=True, end_tail_tokens=2, end_max_continue=0.4, ended_in_density=True, density_period=4,
                    leader_horizon=2, leader_margin=0.0, leader_guard=0.0, leader_hold=0),
 }
 

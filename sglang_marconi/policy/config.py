@@ -214,7 +214,7 @@ class MarconiConfig:
     end_labels: str = "sequence"
     #: ... and the density orders rank a marked sequence before every other
     #: candidate too (ties by age)
-    ended_in_density: bool = False
+    ended_in_density: bool = True
     #: SSM-state eviction candidates: "narrow" (holders with at most one child,
     #: the paper's rule: a branch point's state serves several children) or
     #: "all" (every unlocked holder, as SGLang's LRU does).
