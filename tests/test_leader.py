@@ -31,6 +31,24 @@ def test_selector_by_hand():
     assert s.switches == 2 and s.observed == 5
 
 
+def test_the_guard_waits_its_grace_after_a_takeover():
+    """``guard_grace``: the live cache falling below recency's shadow hands back
+    only after that many requests on the challenger; a lead of recency's shadow
+    by the margin hands back at once."""
+    s = LeaderSelector(horizon=1.0, margin=0.5, guard=0.1, hold=0, guard_grace=2)  # horizon 1: the last request alone
+    assert s.observe({RECENCY: 10, DENSITY: 20}, 10) == DENSITY
+    assert s.observe({RECENCY: 10, DENSITY: 10}, 0) is None      # 1st request on density: live 0 < 9, in grace
+    assert s.observe({RECENCY: 10, DENSITY: 10}, 0) is None      # 2nd: still in grace
+    assert s.observe({RECENCY: 10, DENSITY: 10}, 0) == RECENCY   # 3rd: the guard applies
+    s = LeaderSelector(horizon=1.0, margin=0.5, guard=0.1, hold=0, guard_grace=2)
+    assert s.observe({RECENCY: 10, DENSITY: 20}, 10) == DENSITY
+    assert s.observe({RECENCY: 16, DENSITY: 10}, 16) == RECENCY  # recency's shadow leads: no grace
+    assert s.since_switch == 0
+    s = LeaderSelector(horizon=1.0, margin=0.5, guard=0.1, hold=0)  # no grace: the first such request hands back
+    assert s.observe({RECENCY: 10, DENSITY: 20}, 10) == DENSITY
+    assert s.observe({RECENCY: 10, DENSITY: 10}, 0) == RECENCY
+
+
 def test_selector_hands_back_when_recency_leads():
     s = LeaderSelector(horizon=1.0, margin=0.5, guard=0.0, hold=0)  # horizon 1: the last request alone
     assert s.observe({RECENCY: 1, DENSITY: 2}, 1) == DENSITY

@@ -429,6 +429,8 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"leader_guard": "x"}, "leader_guard"),
         ({"leader_hold": -1}, "leader_hold"),
         ({"leader_hold": 1.5}, "leader_hold"),
+        ({"leader_guard_grace": -1}, "leader_guard_grace"),
+        ({"leader_guard_grace": "200"}, "leader_guard_grace"),
         ({"utility_form": "leaders"}, "utility_form"),
         ({"density_reuse": "yes"}, "density_reuse"),
         ({"leader_density_reuse": 1}, "leader_density_reuse"),

@@ -61,7 +61,7 @@ _BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", 
           "ended_first", "ended_in_density")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
-         "leader_hold": 0, "end_tail_tokens": 1}
+         "leader_hold": 0, "leader_guard_grace": 0, "end_tail_tokens": 1}
 #: Keys that take null or a number (with its minimum).
 _OPTIONAL_NUMBERS = {"alpha_max": 0.0, "efficiency_horizon": 1e-9, "single_budget_gb": 1e-9}
 #: Keys that take a number (with its minimum).
@@ -105,6 +105,8 @@ class MarconiConfig:
     leader_guard: float = 0.05
     #: ``leader``: requests density's lead must hold, in a row, before it takes over.
     leader_hold: int = 200
+    #: ``leader``: requests after a takeover before the guard (``leader_guard``) applies.
+    leader_guard_grace: int = 0
     #: ``leader``: a third order, hit density with the reuse classes
     #: (``density_reuse``), in its own shadow cache.
     leader_density_reuse: bool = True

@@ -27,7 +27,8 @@ evicts in the order whose shadow has saved the most lately.
   ``margin``, or when the live cache, evicting by it, falls ``guard`` below
   recency's shadow: the shadow's lead did not carry over to the live tree, so
   that order's score restarts from recency's (it must build a new lead before
-  it returns).
+  it returns); the guard waits ``guard_grace`` requests after a takeover (the
+  live tree was built by the order before and needs that long to reshape).
 
 Starts on recency. Pure logic: the shadows' hits come in through
 :meth:`observe`.
@@ -57,6 +58,8 @@ class LeaderSelector:
     switches: int = 0
     observed: int = 0
     lead_runs: dict = field(default_factory=dict)  #: requests in a row each challenger has led by the margin
+    guard_grace: int = 0  #: requests after a takeover before the guard applies
+    since_switch: int = 0  #: requests observed since the last switch
 
     def __post_init__(self):
         bad = [c for c in self.challengers if c not in EXPERTS or c == RECENCY]
@@ -75,6 +78,7 @@ class LeaderSelector:
             self.scores[e] = self.scores[e] * keep + shadow_hits[e]
         self.live = self.live * keep + live_hit
         self.observed += 1
+        self.since_switch += 1
         rec = self.scores[RECENCY]
         bar = (1.0 + self.margin) * max(rec, self.scores[self.current], self.live)
         ready = []
@@ -94,7 +98,7 @@ class LeaderSelector:
             cur = self.scores[self.current]
             if rec > (1.0 + self.margin) * cur:
                 want = RECENCY
-            elif self.live < (1.0 - self.guard) * rec:
+            elif self.since_switch > self.guard_grace and self.live < (1.0 - self.guard) * rec:
                 want = RECENCY
                 # the shadow's lead did not carry over: this order must build a new one
                 self.scores[self.current] = rec
@@ -102,4 +106,5 @@ class LeaderSelector:
             return None
         self.current = want
         self.switches += 1
+        self.since_switch = 0
         return want

@@ -163,7 +163,8 @@ class MarconiState:
         if config.utility_form == "leader":
             self.leader = LeaderSelector(config.leader_horizon, config.leader_margin, config.leader_guard,
                                          config.leader_hold,
-                                         (DENSITY, DENSITY_REUSE) if config.leader_density_reuse else (DENSITY,))
+                                         (DENSITY, DENSITY_REUSE) if config.leader_density_reuse else (DENSITY,),
+                                         guard_grace=config.leader_guard_grace)
             self.use_order(RECENCY)
 
     def use_order(self, order: str) -> None:
