@@ -66,7 +66,7 @@ VARIANTS = {
     # density orders all the time
     "leader": dict(utility_form="leader", input_state=True, tombstones_first=True, superseded_first=True,
                    ended_first=True, end_tail_tokens=2, end_max_continue=0.4, ended_in_density=True, density_period=4,
-                   leader_horizon=2, leader_margin=0.0, leader_guard=0.0, leader_hold=0),
+                   leader_horizon=2, leader_margin=0.0, leader_guard=0.0, leader_hold=0, leader_guard_grace=0),
 }
 
 OPS_DONE: dict[str, int] = {}

@@ -304,6 +304,7 @@ def test_parse_config_defaults():
     assert cfg.alpha == 0.0 and not cfg.auto_alpha and cfg.input_state and cfg.tombstones_first
     assert cfg.refresh == cfg.kv_refresh == "deepest" and cfg.utility_form == "leader"
     assert (cfg.leader_horizon, cfg.leader_margin, cfg.leader_guard, cfg.leader_hold) == (400.0, 0.2, 0.05, 200)
+    assert cfg.leader_guard_grace == 200  # the guard waits as long as a lead had to hold
     assert cfg.leader_density_reuse and not cfg.density_reuse  # the reuse classes: the leader's third order
     assert cfg.tombstones_spare_branches  # a branch state not hit yet is not a tombstone-first candidate
     # the path a request branched away from (sharing at least half of it) goes first

@@ -106,7 +106,7 @@ class MarconiConfig:
     #: ``leader``: requests density's lead must hold, in a row, before it takes over.
     leader_hold: int = 200
     #: ``leader``: requests after a takeover before the guard (``leader_guard``) applies.
-    leader_guard_grace: int = 0
+    leader_guard_grace: int = 200
     #: ``leader``: a third order, hit density with the reuse classes
     #: (``density_reuse``), in its own shadow cache.
     leader_density_reuse: bool = True
