@@ -144,7 +144,7 @@ class MarconiState:
         self.end_predictor: Optional[EndPredictor] = (
             EndPredictor(config.end_tail_tokens, config.end_max_continue) if config.ended_first else None)
         #: ``end_labels: "sequence"``: finished sequences not continued yet, by the
-        #: chain hash of their first blocks -> [ending, node, counted unanswered]
+        #: chain hash of their first blocks
         self.sequence_labels = self.end_predictor is not None and config.end_labels == "sequence"
         self._pending_endings: "OrderedDict[int, _PendingEnding]" = OrderedDict()
         self._last_ended = None  # (node, ending) of the finished request being inserted
@@ -447,15 +447,17 @@ class MarconiState:
         if last is None:
             return
         node, ending = last
-        committed = list(input_ids) + list(output_ids[:-1])
-        n = len(committed)
+        n = len(input_ids) + len(output_ids) - 1  # the committed sequence: the input, the output but its last token
         blocks = -(-int(self.config.superseded_min_shared * n) // SEQUENCE_BLOCK)
         if blocks * SEQUENCE_BLOCK > n:
             blocks = n // SEQUENCE_BLOCK
         if blocks == 0:
             return
-        # the committed sequence starts with the input: extend the input's chain
-        key = _block_hashes(committed, blocks, hashes)[-1]
+        if blocks <= len(hashes):
+            key = hashes[blocks - 1]
+        else:  # the key reaches into the output: extend the input's chain over the blocks needed
+            committed = list(input_ids) + list(output_ids[: blocks * SEQUENCE_BLOCK - len(input_ids)])
+            key = _block_hashes(committed, blocks, hashes)[-1]
         entry = _PendingEnding(ending, node)
         pending[key] = entry
         node.marconi_pending = entry
