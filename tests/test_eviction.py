@@ -896,3 +896,15 @@ def test_block_hashes_extend_a_prefix_chain():
         assert _block_hashes(tokens, blocks, chain) == _block_hashes(tokens, blocks)
 
     check()
+
+
+@pytest.mark.parametrize("byte_budget", [None, 10**12])
+def test_input_state_auto_follows_the_budget_layout(make_marconi, byte_budget):
+    """``input_state: "auto"`` (the default): a request that creates no branch point
+    also leaves a state at its input's end with SGLang's two pools (2 states),
+    not under one byte budget, where that state costs the bytes of hundreds of
+    KV tokens (1 state: the last decoded token's)."""
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=64, input_state="auto", byte_budget=byte_budget)
+    res = drv.run(list(range(100, 160)), [7, 8, 9])
+    assert res.states_admitted == (2 if byte_budget is None else 1)
+    assert drv.tree_states() == res.states_admitted

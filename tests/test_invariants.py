@@ -282,7 +282,7 @@ class World:
         res = self.drv.run([1, 2, 3, 4, 1], [2, 3])
         # an empty tree after reset: no hit, no branch point; the last token's
         # state, and the input end's with input_state
-        input_state = self.drv.cache.marconi.config.input_state
+        input_state = self.drv.cache.marconi.config.input_state_on(self.drv.byte_budget is not None)
         states = 2 if input_state else 1
         assert res.hit_len == 0 and res.states_admitted == states
         assert self.drv.free_counts() == (self.kv_total - 6, self.st_total - states)

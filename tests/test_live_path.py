@@ -147,7 +147,7 @@ def test_finished_request_feeds_the_leaders_shadows(make_marconi):
         assert drv.tree_kv_tokens() > 0 and drv.tree_states() >= 1
 
 
-@pytest.mark.parametrize("input_state", [True, False])
+@pytest.mark.parametrize("input_state", [True, False, "auto", "auto-single"])
 def test_input_end_checkpoint_on_the_scheduler_path(make_marconi, input_state):
     """``input_state``: with no branch point, the checkpoint SGLang takes when the
     prefill ends (up_to = the input's length) admits the state there, once; the
@@ -157,7 +157,11 @@ def test_input_end_checkpoint_on_the_scheduler_path(make_marconi, input_state):
 
     from sglang_marconi.policy import AdmissionReason
 
-    built, _ = make_marconi(kv_slots=512, mamba_slots=8, input_state=input_state)
+    extra = {}
+    if input_state == "auto-single":  # "auto" under one byte budget: off
+        input_state, extra = "auto", {"single_budget_gb": 1000.0}
+    built, _ = make_marconi(kv_slots=512, mamba_slots=8, input_state=input_state, **extra)
+    input_state = built.cache.marconi.config.input_state_on(bool(extra))
     cache = built.cache
     tokens = list(range(300, 340))
     req, live, expected = _req_with_state(built, "r1", tokens, seed=2)

@@ -301,7 +301,10 @@ def test_parse_config_defaults():
     assert cfg == MarconiConfig()
     # the default (issue 6): recency ranks evictions (α = 0, no tuner), and the
     # input's end is checkpointed when a request creates no branch point
-    assert cfg.alpha == 0.0 and not cfg.auto_alpha and cfg.input_state and cfg.tombstones_first
+    assert cfg.alpha == 0.0 and not cfg.auto_alpha and cfg.tombstones_first
+    # ... on with SGLang's two pools, off under one byte budget (round 10); explicit values hold in both
+    assert cfg.input_state == "auto" and cfg.input_state_on(single_budget=False) and not cfg.input_state_on(single_budget=True)
+    assert parse_config({"input_state": True}).input_state_on(True) and not parse_config({"input_state": False}).input_state_on(False)
     assert cfg.refresh == cfg.kv_refresh == "deepest" and cfg.utility_form == "leader"
     assert (cfg.leader_horizon, cfg.leader_margin, cfg.leader_guard, cfg.leader_hold) == (400.0, 0.2, 0.05, 200)
     assert cfg.leader_guard_grace == 200  # the guard waits as long as a lead had to hold
@@ -415,6 +418,7 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"warm_start": 1}, "warm_start"),
         ({"confirm": "no"}, "confirm"),
         ({"input_state": None}, "input_state"),
+        ({"input_state": "on"}, "input_state"),
         ({"tombstones_first": "yes"}, "tombstones_first"),
         ({"warmup_windows": 0}, "warmup_windows"),
         ({"alpha_max": -1}, "alpha_max"),

@@ -56,7 +56,7 @@ _CHOICES = {
     "end_labels": END_LABELS,
     "tuner": TUNER_MODES,
 }
-_BOOLS = ("retune", "input_state", "warm_start", "confirm", "tombstones_first", "density_reuse",
+_BOOLS = ("retune", "warm_start", "confirm", "tombstones_first", "density_reuse",
           "leader_density_reuse", "tombstones_spare_branches", "superseded_first", "superseded_needs_state",
           "ended_first", "ended_in_density")
 #: Keys that take an integer (with its minimum).
@@ -163,8 +163,11 @@ class MarconiConfig:
     branch_points: str = "exact"
     #: Also checkpoint the state at the end of the input when the request
     #: creates no branch point (still <= 2 states per request): losing the
-    #: output's KV leaf then still leaves a hit on the whole input.
-    input_state: bool = True
+    #: output's KV leaf then still leaves a hit on the whole input. "auto": on
+    #: with SGLang's two pools, off under one byte budget (``single_budget_gb``,
+    #: the replay's ``--single-budget``), where each such state costs as many
+    #: bytes as hundreds of KV tokens (BENCHMARKS round 10).
+    input_state: Union[bool, str] = "auto"
     #: "marconi" (this project's default: replay distance to the nearest
     #: ancestor state, node-local bytes) or "paper" (the paper's formulas as
     #: stated: saved FLOPs from the parent, bytes counting the path's KV).
@@ -229,6 +232,10 @@ class MarconiConfig:
     tuner: str = "process"
     #: Most recent requests a tuning replay uses (bounds tuning cost).
     tuner_max_requests: int = 2000
+
+    def input_state_on(self, single_budget: bool) -> bool:
+        """``input_state`` resolved for a cache with one byte budget or two pools."""
+        return (not single_budget) if self.input_state == "auto" else bool(self.input_state)
 
     @property
     def auto_alpha(self) -> bool:
@@ -303,6 +310,10 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
         elif key in _CHOICES:
             if value not in _CHOICES[key]:
                 raise _err(key, value, f"must be one of {', '.join(_CHOICES[key])}")
+            out[key] = value
+        elif key == "input_state":
+            if not isinstance(value, bool) and value != "auto":
+                raise _err(key, value, 'must be true, false or "auto"')
             out[key] = value
         elif key in _BOOLS:
             if not isinstance(value, bool):

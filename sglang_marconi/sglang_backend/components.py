@@ -115,7 +115,8 @@ class MarconiMambaComponent(MambaComponent):
         if branch is not None and at == branch and not getattr(req, "marconi_branch_admitted", False):
             req.marconi_branch_admitted = True
             reason = AdmissionReason.BRANCH_POINT
-        elif self.marconi.config.input_state and not getattr(req, "marconi_input_admitted", False):
+        elif (self.marconi.config.input_state_on(self.marconi.config.single_budget_gb is not None)
+              and not getattr(req, "marconi_input_admitted", False)):
             input_len = len(req.origin_input_ids)
             hit = getattr(req, "num_matched_prefix_tokens", 0) or 0
             # Unfinished after its prefill: the request decodes past its input.
