@@ -908,3 +908,47 @@ def test_input_state_auto_follows_the_budget_layout(make_marconi, byte_budget):
     res = drv.run(list(range(100, 160)), [7, 8, 9])
     assert res.states_admitted == (2 if byte_budget is None else 1)
     assert drv.tree_states() == res.states_admitted
+
+
+# ------------------------------------------------- one byte budget: the recency marks
+
+
+def _evict_one_by_one(built, k):
+    """``k`` evictions from the single byte budget's queue, one per call."""
+    built.cache.marconi.log_evictions = True
+    for _ in range(k):
+        assert built.cache.evict_to_bytes(built.cache.tree_bytes() - 1) == 1
+    return [(end, tokens) for _, end, tokens, _ in built.cache.marconi.counters.eviction_log]
+
+
+@pytest.mark.parametrize("mode,first", [("off", (24, 24)), ("marks", (44, 14)), ("all", (44, 14))])
+def test_single_budget_marks_superseded_path_goes_first(make_marconi, mode, first):
+    """One byte budget, ``superseded_first``: with ``single_budget_marks`` "marks"
+    or "all" the single queue evicts the tail r3 branched away from (r1's
+    30..44, KV and state) before r2's older leaf; "off" is plain recency."""
+    built = _superseded_run(make_marconi, superseded_first=True, single_budget_marks=mode)
+    assert _evict_one_by_one(built, 1) == [first]
+
+
+@pytest.mark.parametrize("mode,order", [
+    ("off", [(20, 0), (24, 4), (20, 20)]),
+    ("marks", [(20, 0), (24, 4), (20, 20)]),
+    ("all", [(20, 0), (10, 0), (24, 4)]),
+])
+def test_single_budget_marks_all_evicts_internal_states_before_leaves(make_marconi, mode, order):
+    """``tombstones_first`` acts in the single queue only with "all": r2's
+    input-end state (internal, newer) goes before r1's last-token leaf (older).
+    Without it the queue goes by age alone: r1's input-end state, r1's output
+    leaf, then r1's input KV, a leaf with no state left (20 tokens freed)."""
+    built, drv = make_marconi(input_state=True, tombstones_first=True, single_budget_marks=mode)
+    drv.run(toks(1000, 20), toks(5000, 5))
+    drv.run(toks(2000, 10), toks(6000, 3))
+    assert _evict_one_by_one(built, 3) == order
+
+
+def test_single_budget_marks_config_error():
+    from sglang_marconi.policy import parse_config
+    from sglang_marconi.policy.config import MarconiConfigError
+
+    with pytest.raises(MarconiConfigError, match="single_budget_marks='tombstones'"):
+        parse_config({"single_budget_marks": "tombstones"})

@@ -40,6 +40,7 @@ UTILITY_FORMS = ("sum", "product", "density", "leader")
 DENSITY_VALUES = ("flops", "tokens")
 DENSITY_RANKS = ("dead_first", "full")
 END_LABELS = ("cache", "sequence")
+SINGLE_BUDGET_MARKS = ("off", "marks", "all")
 
 #: Keys whose value is one of a fixed set of strings.
 _CHOICES = {
@@ -54,6 +55,7 @@ _CHOICES = {
     "density_value": DENSITY_VALUES,
     "density_rank": DENSITY_RANKS,
     "end_labels": END_LABELS,
+    "single_budget_marks": SINGLE_BUDGET_MARKS,
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "warm_start", "confirm", "tombstones_first", "density_reuse",
@@ -227,6 +229,13 @@ class MarconiConfig:
     #: Paper-faithful single byte budget over KV + states (GB); None = SGLang's
     #: two pools, each budgeted by its own allocator.
     single_budget_gb: Optional[float] = None
+    #: One byte budget (``single_budget_gb``, the replay's ``--single-budget``):
+    #: which of the recency order's marks its single eviction queue applies.
+    #: "off": none (plain recency); "marks": the paths a request branched away
+    #: from and a conversation's likely last sequence go first
+    #: (``superseded_first``, ``ended_first``); "all": those and internal
+    #: nodes' states before any leaf (``tombstones_first``), as in the two pools.
+    single_budget_marks: str = "off"
     #: Where α replays run: "process" (off the scheduler's GIL), "thread", or
     #: "inline" (synchronous; for tests and deterministic replays).
     tuner: str = "process"

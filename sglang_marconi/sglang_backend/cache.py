@@ -142,7 +142,7 @@ class MarconiRadixCache(UnifiedRadixCache):
                     continue
                 if node not in leaves and node.component_data[ComponentType.MAMBA].value is None:
                     continue
-                cands.append(st.eviction_candidate(node, frees_kv=node in leaves))
+                cands.append(st.single_budget_candidate(node, frees_kv=node in leaves))
             queue = st.eviction_queue(cands)
             victim = queue.pop()
             if victim is None:

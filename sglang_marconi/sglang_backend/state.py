@@ -316,6 +316,18 @@ class MarconiState:
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
         return cand
 
+    def single_budget_candidate(self, node, *, frees_kv: bool) -> Candidate:
+        """An eviction candidate of the single byte budget's queue (leaves and
+        internal state holders together), with the marks
+        ``single_budget_marks`` lets act there."""
+        mode = self.config.single_budget_marks
+        if mode == "all":
+            return self.state_pool_candidate(node, frees_kv=frees_kv)
+        cand = self.eviction_candidate(node, frees_kv=frees_kv)
+        if mode == "marks" and self._goes_first(node):
+            cand.last_access -= TOMBSTONE_FIRST_SHIFT
+        return cand
+
     def _goes_first(self, node) -> bool:
         """In the recency order: ``node`` lies on a path a request branched away
         from (``superseded_first``) or on a conversation's likely last sequence
