@@ -921,12 +921,14 @@ def _evict_one_by_one(built, k):
     return [(end, tokens) for _, end, tokens, _ in built.cache.marconi.counters.eviction_log]
 
 
-@pytest.mark.parametrize("mode,first", [("off", (24, 24)), ("marks", (44, 14)), ("all", (44, 14))])
+@pytest.mark.parametrize("mode,first", [("off", (24, 24)), ("marks", (44, 14)), ("all", (44, 14)), (None, (44, 14))])
 def test_single_budget_marks_superseded_path_goes_first(make_marconi, mode, first):
     """One byte budget, ``superseded_first``: with ``single_budget_marks`` "marks"
-    or "all" the single queue evicts the tail r3 branched away from (r1's
-    30..44, KV and state) before r2's older leaf; "off" is plain recency."""
-    built = _superseded_run(make_marconi, superseded_first=True, single_budget_marks=mode)
+    (the default, ``None`` here) or "all" the single queue evicts the tail r3
+    branched away from (r1's 30..44, KV and state) before r2's older leaf;
+    "off" is plain recency."""
+    cfg = {} if mode is None else {"single_budget_marks": mode}
+    built = _superseded_run(make_marconi, superseded_first=True, **cfg)
     assert _evict_one_by_one(built, 1) == [first]
 
 

@@ -28,7 +28,7 @@ VARIANTS = ("marconi", "paper")
 #: and its tuner (α auto, tuned once, on the first window after the first
 #: eviction, scored from a cold start, no memory or hysteresis, grid 0..2 step
 #: 0.1) unless the keys are given explicitly.
-PAPER_TUNER_DEFAULTS = {"alpha": None, "utility_form": "sum", "input_state": False, "tombstones_first": False, "superseded_first": False, "ended_first": False, "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
+PAPER_TUNER_DEFAULTS = {"alpha": None, "utility_form": "sum", "input_state": False, "tombstones_first": False, "superseded_first": False, "ended_first": False, "single_budget_marks": "off", "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
                         "alpha_grid": PAPER_ALPHA_GRID}
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
@@ -231,11 +231,12 @@ class MarconiConfig:
     single_budget_gb: Optional[float] = None
     #: One byte budget (``single_budget_gb``, the replay's ``--single-budget``):
     #: which of the recency order's marks its single eviction queue applies.
-    #: "off": none (plain recency); "marks": the paths a request branched away
-    #: from and a conversation's likely last sequence go first
-    #: (``superseded_first``, ``ended_first``); "all": those and internal
-    #: nodes' states before any leaf (``tombstones_first``), as in the two pools.
-    single_budget_marks: str = "off"
+    #: "off": none (plain recency; before round 11 the queue applied none);
+    #: "marks" (default, round 11): the paths a request branched away from and
+    #: a conversation's likely last sequence go first (``superseded_first``,
+    #: ``ended_first``); "all": those and internal nodes' states before any
+    #: leaf (``tombstones_first``), as in the two pools' state pool.
+    single_budget_marks: str = "marks"
     #: Where α replays run: "process" (off the scheduler's GIL), "thread", or
     #: "inline" (synchronous; for tests and deterministic replays).
     tuner: str = "process"
