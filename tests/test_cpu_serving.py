@@ -104,8 +104,11 @@ def test_register_binds_mamba2_mixer_ops(tmp_path):
         assert m.causal_conv1d_update_triton is cpu_ops.causal_conv1d_update
         # REPLACE hooks wrap the cpu op (functools.wraps keeps the original's name)
         import torch
+        torch.manual_seed(0)
         out = torch.zeros(1, 3, 2, 2)
-        x = torch.randn(1, 3, 2, 2); dt = torch.randn(1, 3, 2); A = -torch.rand(2)
+        # dt > 0: the op clamps dt to dt_limit = (0, inf) without softplus, so an
+        # all-negative draw (1 in 64) would give dt = 0 and an all-zero output
+        x = torch.randn(1, 3, 2, 2); dt = torch.rand(1, 3, 2) + 0.1; A = -torch.rand(2)
         B = torch.randn(1, 3, 1, 4); C = torch.randn(1, 3, 1, 4)
         cu = torch.tensor([0, 3], dtype=torch.int32)
         res = m.mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=4, cu_seqlens=cu,
