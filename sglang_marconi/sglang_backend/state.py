@@ -296,13 +296,16 @@ class MarconiState:
             return Candidate(key=node, last_access=_stamp(node, pool), flops_saved=0.0, nbytes=0)
         return self.candidate(node, frees_kv=frees_kv, pool=pool)
 
-    def state_pool_candidate(self, node, *, frees_kv: bool) -> Candidate:
+    def state_pool_candidate(self, node, *, frees_kv: bool, tombstones: Optional[bool] = None) -> Candidate:
         """An eviction candidate of the SSM-state pool: with ``tombstones_first``
-        an internal holder's stamp is shifted below every leaf's (order kept
-        within each group), except a branch state not hit yet with
-        ``tombstones_spare_branches``."""
+        (or ``tombstones``, when given) an internal holder's stamp is shifted
+        below every leaf's (order kept within each group), except a branch state
+        not hit yet with ``tombstones_spare_branches``; a marked node's
+        (``_goes_first``) likewise."""
         cand = self.eviction_candidate(node, frees_kv=frees_kv)
-        if self.tombstones_first and node.children and not self._spared_branch(node):
+        if tombstones is None:
+            tombstones = self.tombstones_first
+        if tombstones and node.children and not self._spared_branch(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
         elif self._goes_first(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
@@ -321,12 +324,10 @@ class MarconiState:
         internal state holders together), with the marks
         ``single_budget_marks`` lets act there."""
         mode = self.config.single_budget_marks
-        if mode == "all":
-            return self.state_pool_candidate(node, frees_kv=frees_kv)
-        cand = self.eviction_candidate(node, frees_kv=frees_kv)
-        if mode == "marks" and self._goes_first(node):
-            cand.last_access -= TOMBSTONE_FIRST_SHIFT
-        return cand
+        if mode == "off":
+            return self.eviction_candidate(node, frees_kv=frees_kv)
+        # the state pool's shifts; tombstones-first only with "all"
+        return self.state_pool_candidate(node, frees_kv=frees_kv, tombstones=mode == "all" and self.tombstones_first)
 
     def _goes_first(self, node) -> bool:
         """In the recency order: ``node`` lies on a path a request branched away
