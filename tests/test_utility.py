@@ -450,6 +450,7 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"end_max_continue": 0}, "end_max_continue"),
         ({"end_labels": "tree"}, "end_labels"),
         ({"superseded_needs_state": 1}, "superseded_needs_state"),
+        ({"superseded_share_from": "prompt"}, "superseded_share_from"),
         ({"superseded_min_shared": 1.5}, "superseded_min_shared"),
         ({"superseded_min_shared": -0.1}, "superseded_min_shared"),
         ({"superseded_min_shared": "half"}, "superseded_min_shared"),

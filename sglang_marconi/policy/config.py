@@ -41,6 +41,7 @@ DENSITY_VALUES = ("flops", "tokens")
 DENSITY_RANKS = ("dead_first", "full")
 END_LABELS = ("cache", "sequence")
 SINGLE_BUDGET_MARKS = ("off", "marks", "all")
+SHARE_FROM = ("root", "fork")
 
 #: Keys whose value is one of a fixed set of strings.
 _CHOICES = {
@@ -56,6 +57,7 @@ _CHOICES = {
     "density_rank": DENSITY_RANKS,
     "end_labels": END_LABELS,
     "single_budget_marks": SINGLE_BUDGET_MARKS,
+    "superseded_share_from": SHARE_FROM,
     "tuner": TUNER_MODES,
 }
 _BOOLS = ("retune", "warm_start", "confirm", "tombstones_first", "density_reuse",
@@ -201,6 +203,13 @@ class MarconiConfig:
     #: same unbranched path (the request resumed from the sequence it revises;
     #: a new conversation after an uncheckpointed system prompt did not).
     superseded_needs_state: bool = False
+    #: Where that share is counted from: "root" (the whole sequence) or "fork"
+    #: (below the nearest node above the branch where two or more other
+    #: sequences split off): another conversation after a long shared system
+    #: prompt, or another question after a few-shot block, shares most of a
+    #: short sequence from the root but almost nothing past the prompt's fork;
+    #: an agent's edit shares its own history past it.
+    superseded_share_from: str = "root"
     #: Recency order, both pools: a finished request whose last output tokens
     #: end conversations (learned online, ``policy/session_end.py``: sequences
     #: with that ending were evicted unanswered, never continued) marks its

@@ -93,6 +93,10 @@ SUPERSEDED_MARK_MAX = 256
 #: finished sequences waiting for a continuation (oldest forgotten first).
 SEQUENCE_BLOCK = 64
 PENDING_ENDINGS_MAX = 65536
+#: ``superseded_share_from: "fork"``: other sequences that must split off a node
+#: besides the branch's own path for it to count as a shared prompt's fork (an
+#: agent's own revision forks in two: the path it left and the one it took).
+FORK_MIN_OTHERS = 2
 
 
 def _block_hashes(tokens, blocks: int, chain: Sequence[int] = ()) -> list[int]:
@@ -363,6 +367,8 @@ class MarconiState:
             tokens += len(x.key)
             stack.extend(x.children.values())
         shared = self.node_end(branch)
+        if cfg.superseded_share_from == "fork":
+            shared -= self._fork_end_above(branch)
         if shared < cfg.superseded_min_shared * (shared + tokens):
             return
         for x in subtree:
@@ -372,6 +378,17 @@ class MarconiState:
         for x in subtree:
             x.marconi_superseded = True
         self.counters.superseded_marks += len(subtree)
+
+    def _fork_end_above(self, branch) -> int:
+        """``superseded_share_from: "fork"``: where the nearest proper ancestor of
+        ``branch`` ends from which ``FORK_MIN_OTHERS`` other sequences split off
+        (0: none below the root)."""
+        cur = branch.parent
+        while cur is not None and cur.parent is not None:
+            if len(cur.children) > FORK_MIN_OTHERS:
+                return self.node_end(cur)
+            cur = cur.parent
+        return 0
 
     def _state_above_on_path(self, branch) -> bool:
         """``superseded_needs_state``: the nearest ancestor of ``branch`` holding an
