@@ -17,7 +17,8 @@ def make_marconi():
     """make_marconi(kv_slots, mamba_slots, kv_budget=None, state_budget=None, **config) -> (built, driver).
 
     Config defaults here: alpha 0, utility_form "sum", inline tuner, input_state,
-    tombstones_first, superseded_first and ended_first false, end_labels "cache" (the base rules the hand-computed tests spell out)."""
+    tombstones_first, superseded_first and ended_first false, end_labels "cache",
+    the superseded share counted from the root at 0.5 (the base rules the hand-computed tests spell out)."""
     from sglang_marconi.policy import builtin_profile, parse_config
     from sglang_marconi.sglang_backend.driver import CacheDriver
     from sglang_marconi.sglang_backend.tuning import build_marconi_cache
@@ -32,6 +33,10 @@ def make_marconi():
         config.setdefault("tombstones_first", False)
         config.setdefault("superseded_first", False)
         config.setdefault("ended_first", False)
+        # the revision share from the root, at half the sequence (rounds 7-11's rule, which the
+        # hand-computed superseded tests spell out; the default's "fork" rule has its own test)
+        config.setdefault("superseded_share_from", "root")
+        config.setdefault("superseded_min_shared", 0.5)
         config.setdefault("end_labels", "cache")  # tests of the sequence labels say so
         config.setdefault("utility_form", "sum")  # recency / α utility; the default's leader is tested on its own
         config.setdefault("tuner", "inline")

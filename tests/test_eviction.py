@@ -740,26 +740,29 @@ def test_superseded_needs_state_on_the_path(make_marconi, state_above):
     assert getattr(tail, "marconi_superseded", False) is state_above
 
 
-@pytest.mark.parametrize("others, share_from, marked", [(2, "root", True), (2, "fork", False), (1, "fork", True)])
-def test_superseded_share_counted_from_the_prompt_fork(make_marconi, others, share_from, marked):
-    """``superseded_share_from``: ``others`` conversations and then r1 (8 tokens,
-    3 out: committed 0..50) follow a 40-token system prompt; r3 shares r1's first
-    4 tokens and branches at 44. From the root it shares 44 of r1's 50 tokens (a
-    revision: r1's tail 44..50 marked); from the prompt's fork (the system prompt
-    node, where two other sequences split off) it shares 4 of 10, under
-    ``superseded_min_shared`` 0.5: another conversation, nothing marked. With one
-    other conversation the prompt node is no fork (an agent's own revisions fork
-    in two) and the share is counted from the root."""
-    p = toks(1000, 40)
-    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, superseded_first=True, superseded_share_from=share_from)
+@pytest.mark.parametrize("share_from, others, past, marked", [
+    ("root", 2, 10, True), ("fork", 2, 10, False), ("fork", 2, 80, True), ("fork", 1, 10, True)])
+def test_superseded_share_counted_from_the_prompt_fork(make_marconi, share_from, others, past, marked):
+    """``superseded_share_from`` (``superseded_min_shared`` 0.25): ``others``
+    conversations and then r1 (100 tokens, 3 out: committed 0..302) follow a
+    200-token system prompt; r3 shares r1's first ``past`` tokens and branches at
+    200 + past. From the root, 210 of r1's 302 tokens are shared: a revision, r1's
+    tail marked. From the prompt's fork (the system prompt node, where two other
+    sequences split off) 10 tokens are shared, under one 64-token block: another
+    conversation, nothing marked; 80 tokens (80 / 102 of the part past the fork)
+    are a revision. With one other conversation the prompt node is no fork (an
+    agent's own revision forks in two) and the share counts from the root."""
+    p = toks(1000, 200)
+    built, drv = make_marconi(kv_slots=4096, mamba_slots=32, superseded_first=True,
+                              superseded_share_from=share_from, superseded_min_shared=0.25)
     for i in range(others):
         drv.run(p + toks(2000 + 100 * i, 8), [7])
-    drv.run(p + toks(5000, 8), toks(6000, 3))      # r1: committed 0..50
-    drv.run(p + toks(5000, 4) + toks(4000, 10), [9])  # r3: branches at 44
-    tail = node_ending_at(built, 50)
+    drv.run(p + toks(5000, 100), toks(6000, 3))        # r1: committed 0..302
+    drv.run(p + toks(5000, past) + toks(4000, 10), [9])  # r3: branches at 200 + past
+    tail = node_ending_at(built, 302)
     assert getattr(tail, "marconi_superseded", False) is marked
     # the second conversation after the prompt marks the first either way: nothing forks there yet
-    first = node_ending_at(built, 48, p + toks(2000, 8))
+    first = node_ending_at(built, 208, p + toks(2000, 8))
     assert getattr(first, "marconi_superseded", False)
     assert built.cache.marconi.counters.superseded_marks == 1 + int(marked)
 

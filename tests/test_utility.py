@@ -310,8 +310,9 @@ def test_parse_config_defaults():
     assert cfg.leader_guard_grace == 200  # the guard waits as long as a lead had to hold
     assert cfg.leader_density_reuse and not cfg.density_reuse  # the reuse classes: the leader's third order
     assert cfg.tombstones_spare_branches  # a branch state not hit yet is not a tombstone-first candidate
-    # the path a request branched away from (sharing at least half of it) goes first
-    assert cfg.superseded_first and cfg.superseded_min_shared == 0.5
+    # the path a request branched away from (sharing at least a quarter of it past the
+    # nearest shared prompt's fork, and one 64-token block) goes first (round 12)
+    assert cfg.superseded_first and cfg.superseded_min_shared == 0.25 and cfg.superseded_share_from == "fork"
     assert cfg.ended_first and cfg.end_tail_tokens == 4 and cfg.end_max_continue == 0.1
     assert cfg.end_labels == "sequence" and cfg.ended_in_density
     # ... and under one byte budget the single queue applies those two marks (round 11)

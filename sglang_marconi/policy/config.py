@@ -196,20 +196,23 @@ class MarconiConfig:
     #: on it, or a request extending it, makes it ordinary again.
     superseded_first: bool = True
     #: ... counted as a revision only when the request shares at least this
-    #: fraction of the sequence it diverges from (a short common prefix, such as
-    #: a system prompt before another conversation, is not one).
-    superseded_min_shared: float = 0.5
+    #: fraction of the sequence it diverges from (counted as
+    #: ``superseded_share_from`` says; a short common prefix, such as a system
+    #: prompt before another conversation, is not one).
+    superseded_min_shared: float = 0.25
     #: ... and only when the shared part ends below a cached SSM state on that
     #: same unbranched path (the request resumed from the sequence it revises;
     #: a new conversation after an uncheckpointed system prompt did not).
     superseded_needs_state: bool = False
-    #: Where that share is counted from: "root" (the whole sequence) or "fork"
-    #: (below the nearest node above the branch where two or more other
-    #: sequences split off): another conversation after a long shared system
-    #: prompt, or another question after a few-shot block, shares most of a
-    #: short sequence from the root but almost nothing past the prompt's fork;
-    #: an agent's edit shares its own history past it.
-    superseded_share_from: str = "root"
+    #: Where that share is counted from: "root" (the whole sequence; round 7-11's
+    #: rule, with ``superseded_min_shared`` 0.5) or "fork" (below the nearest
+    #: node above the branch where two or more other sequences split off, and
+    #: at least one 64-token block of it): another conversation after a long
+    #: shared system prompt, or another question after a few-shot block,
+    #: shares most of a short sequence from the root but almost nothing past
+    #: the prompt's fork; an agent's edit shares its own history past it.
+    #: Default "fork" (issue 6, round 12).
+    superseded_share_from: str = "fork"
     #: Recency order, both pools: a finished request whose last output tokens
     #: end conversations (learned online, ``policy/session_end.py``: sequences
     #: with that ending were evicted unanswered, never continued) marks its

@@ -369,6 +369,8 @@ class MarconiState:
         shared = self.node_end(branch)
         if cfg.superseded_share_from == "fork":
             shared -= self._fork_end_above(branch)
+            if shared < SEQUENCE_BLOCK:
+                return  # less than one block of its own history: not a revision
         if shared < cfg.superseded_min_shared * (shared + tokens):
             return
         for x in subtree:
