@@ -344,8 +344,10 @@ class MarconiState:
     def on_branch_admitted(self, branch) -> None:
         """A request admitted a branch point at ``branch``, a node with one child:
         the path through it had no branch there. If the request shares at least
-        ``superseded_min_shared`` of that sequence (root to ``branch`` against
-        root to the end of the child's subtree), it is a revision of it (an agent
+        ``superseded_min_shared`` of that sequence (up to ``branch`` against up to
+        the end of the child's subtree, counted from the root or, with
+        ``superseded_share_from: "fork"``, from the nearest shared prompt's fork
+        and at least one ``SEQUENCE_BLOCK``), it is a revision of it (an agent
         that dropped or edited part of its history, a re-rendered answer): the
         conversation goes on, so the endings of requests that finished in the
         child's subtree were continued (``ended_first``), and that subtree is
