@@ -12,7 +12,7 @@ import pytest
 
 from sglang_marconi.replay.runner import main, replay_one
 from sglang_marconi.replay.loaders import LoadOptions, load_trace
-from sglang_marconi.replay.policies import Budget
+from sglang_marconi.replay.policies import LRU_CONFIG, Budget
 
 BIG = ["--kv-gb", "2", "--ssm-gb", "2"]  # paper-7b: ~30k KV tokens, 74 states: no eviction here
 
@@ -275,12 +275,12 @@ def test_variants_run_as_named_marconi_policies(tmp_path):
     trace = write_trace(tmp_path / "t.jsonl", reqs)
     doc = replay_json(
         tmp_path, trace, "--policies", "marconi,lru,marconi:same", "--variant", "same={}",
-        "--variant", 'lru0={"alpha": 0, "refresh": "path", "kv_refresh": "path", "input_state": false, "tombstones_first": false}', "--frac", "0.3", "--no-timing",
+        "--variant", "lru0=" + json.dumps(LRU_CONFIG), "--frac", "0.3", "--no-timing",
     )
     pols = [r["policy"] for r in doc["runs"]]
     assert pols == ["marconi", "lru", "marconi:same", "marconi:lru0"]  # unlisted variants are appended
     strip = lambda r: {k: v for k, v in r.items() if k not in ("policy", "admission")}  # noqa: E731
-    # a variant with no overrides is the default policy; one with LRU's knobs is LRU
+    # a variant with no overrides is the default policy; one with all of LRU's knobs is LRU
     assert strip(run_of(doc, "marconi:same")) == strip(run_of(doc, "marconi"))
     assert run_of(doc, "marconi:lru0")["hit_tokens"] == run_of(doc, "lru")["hit_tokens"]
     assert {r["policy"] for r in doc["ratios"]} == {"marconi", "marconi:same", "marconi:lru0"}
