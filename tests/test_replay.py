@@ -286,6 +286,29 @@ def test_variants_run_as_named_marconi_policies(tmp_path):
     assert {r["policy"] for r in doc["ratios"]} == {"marconi", "marconi:same", "marconi:lru0"}
 
 
+def test_end_oracle_evicts_a_finished_session_before_a_live_one(tmp_path):
+    """KV room for 250 tokens, plenty of states. Sessions b, a and c each leave a
+    109-token sequence (100 + 10 - 1); c's needs room, and recency evicts b's, the
+    oldest, so b's second turn misses. Told that a's and c's requests are their
+    sessions' last (``--end-oracle``), the cache evicts a's instead and b's second
+    turn hits all 109 tokens (its 17 new tokens fit beside c's). The learned end predictor has seen too few endings to mark anything, and LRU has
+    no ``ended_first``: neither changes."""
+    from sglang_marconi.policy import builtin_profile
+
+    b1, cb = toks(1000, 100), toks(5000, 10)
+    reqs = [("b", b1, cb), ("a", toks(2000, 100), toks(6000, 10)), ("c", toks(3000, 100), toks(7000, 10)),
+            ("b", b1 + cb + toks(8000, 5), toks(9000, 3))]
+    trace = write_trace(tmp_path / "t.jsonl", reqs)
+    kv_gb = repr(250 * builtin_profile("paper-7b").kv_bytes(1) / 1e9)
+    args = ("--policies", "marconi,lru", "--kv-gb", kv_gb, "--ssm-gb", "2", "--no-timing")
+    learned = replay_json(tmp_path, trace, *args, name="learned.json")
+    oracle = replay_json(tmp_path, trace, *args, "--end-oracle", name="oracle.json")
+    assert run_of(learned, "marconi")["hit_tokens"] == 0
+    assert run_of(oracle, "marconi")["hit_tokens"] == 109
+    assert run_of(oracle, "marconi")["kv_tokens_evicted"] == 109  # a's sequence only
+    assert run_of(oracle, "lru")["hit_tokens"] == run_of(learned, "lru")["hit_tokens"] == 0
+
+
 def test_variant_errors_are_one_line(tmp_path, capsys):
     path = write_trace(tmp_path / "t.jsonl", [("a", [1, 2, 3], [4])])
     for args, needle in (
@@ -299,6 +322,7 @@ def test_variant_errors_are_one_line(tmp_path, capsys):
         (["--system-prompt", "@/no/such/file"], "--system-prompt @/no/such/file: cannot read"),
         (["--marconi-config", '{"alhpa": 1}'], "--marconi-config: unknown key 'alhpa'"),
         (["--marconi-config", "{bad"], "--marconi-config: not JSON"),
+        (["--end-oracle", "--policies", "lru,sglang"], "--end-oracle acts on marconi policies only"),
     ):
         assert main(["--trace", path, "--no-progress", *args]) == 2, args
         err = capsys.readouterr().err

@@ -94,6 +94,10 @@ class PolicyOptions:
     #: named Marconi variants (``--variant NAME=JSON``): policy ``marconi:NAME`` runs
     #: MARCONI_DEFAULT_CONFIG updated with that JSON (the ablation's rows)
     variants: tuple = ()
+    #: ``--end-oracle`` (a bound, not a policy): Marconi policies with
+    #: ``ended_first`` are told which request is each session's last and mark
+    #: its sequence by that instead of by their end predictor
+    end_oracle: bool = False
 
     def variant(self, name: str) -> Optional[dict]:
         return dict(self.variants).get(name)

@@ -83,6 +83,15 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[k - 1]
 
 
+def session_last_turns(trace: Trace) -> dict:
+    """Each session's last replayed turn (``--end-oracle``)."""
+    last: dict = {}
+    for r in trace.requests:
+        if r.turn > last.get(r.session_id, -1):
+            last[r.session_id] = r.turn
+    return last
+
+
 def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
                popts: PolicyOptions = PolicyOptions(), ttft_a_ms: float = TTFT_A_MS, ttft_b_ms: float = TTFT_B_MS,
                progress: Optional[Callable[[int], None]] = None) -> RunResult:
@@ -93,9 +102,13 @@ def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
     flops = 0.0
     ttft: list[float] = []
     hits: list[int] = []
+    oracle_state = getattr(built.cache, "marconi", None) if popts.end_oracle else None
+    last_turn = session_last_turns(trace) if oracle_state is not None else {}
     t0 = time.perf_counter()
     try:
         for i, r in enumerate(trace.requests):
+            if oracle_state is not None:
+                oracle_state.ending_oracle = r.turn == last_turn[r.session_id]
             res = drv.run(r.prompt_ids, r.completion_ids)
             hits.append(res.hit_len)
             hit_tokens += res.hit_len
@@ -353,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                    help="define policy marconi:NAME = the marconi policy with these config overrides "
                         "(repeatable; list marconi:NAME in --policies, or it is appended)")
+    p.add_argument("--end-oracle", action="store_true",
+                   help="a bound, not a policy: Marconi policies with ended_first are told which request is each "
+                        "session's last and mark its sequence by that instead of by their end predictor")
     p.add_argument("--sglang-grid", type=int, help="sglang checkpoint grid (default: the cache's mamba_checkpoint_grid)")
     o = ap.add_argument_group("output")
     o.add_argument("--ttft-a-ms", type=float, default=TTFT_A_MS, help=f"TTFT model a (default {TTFT_A_MS} ms)")
@@ -434,6 +450,8 @@ def run(args, *, console=None) -> dict:
         profile = resolve_profile(args.model)
     except MarconiConfigError as e:
         raise ReplayError(f"--model: {str(e).removeprefix('marconi config: ')}") from None
+    if args.end_oracle and not any(p == "marconi" or p.startswith("marconi:") for p in policies):
+        raise ReplayError(f"--end-oracle acts on marconi policies only; --policies {args.policies!r} has none")
     if args.single_budget and "sglang" in policies:
         raise ReplayError(
             "--single-budget: policy sglang is SGLang's two-pool cache (KV tokens, SSM states) and has no single "
@@ -456,7 +474,7 @@ def run(args, *, console=None) -> dict:
     with ui:
         trace = load_trace(args.trace, opt, use_cache=not args.no_cache, progress=ui.load_progress)
         popts = PolicyOptions(block=args.block, marconi_config=marconi_cfg, sglang_grid=args.sglang_grid,
-                              variants=variants)
+                              variants=variants, end_oracle=args.end_oracle)
         common = dict(popts=popts, ttft_a_ms=args.ttft_a_ms, ttft_b_ms=args.ttft_b_ms)
         inf_result = None
         inf = None

@@ -164,6 +164,10 @@ class MarconiState:
         self.leader: Optional[LeaderSelector] = None
         self.shadows = None
         self._live_hits_seen = 0
+        #: measurement only (the replay's ``--end-oracle``): set before each
+        #: request to whether it is its conversation's last; :meth:`request_ended`
+        #: then marks by it instead of by the predictor. None: the predictor.
+        self.ending_oracle: Optional[bool] = None
         if config.utility_form == "leader":
             self.leader = LeaderSelector(config.leader_horizon, config.leader_margin, config.leader_guard,
                                          config.leader_hold,
@@ -426,18 +430,28 @@ class MarconiState:
         pred = self.end_predictor
         if pred is None or node.children:
             return
+        if self.ending_oracle is not None:
+            if self.ending_oracle:
+                self._mark_ended(node)
+            return
         ending = pred.ending(output_ids)
         if ending is None:
             return
         node.marconi_ending = ending  # open: a hit (continued) or its eviction (unanswered) decides
         self._last_ended = (node, ending)
         if pred.likely_final(ending):
-            self.counters.ended_marks += 1
-            for _ in range(SUPERSEDED_MARK_MAX):
-                node.marconi_ended = True
-                node = node.parent
-                if node is None or node.parent is None or len(node.children) != 1:
-                    break
+            self._mark_ended(node)
+
+    def _mark_ended(self, node) -> None:
+        """Mark ``node`` and the unbranched path above it (at most
+        ``SUPERSEDED_MARK_MAX`` nodes, up to the first node another sequence
+        shares) as a conversation's last sequence."""
+        self.counters.ended_marks += 1
+        for _ in range(SUPERSEDED_MARK_MAX):
+            node.marconi_ended = True
+            node = node.parent
+            if node is None or node.parent is None or len(node.children) != 1:
+                break
 
     def _ending_continued(self, node) -> None:
         ending = getattr(node, "marconi_ending", None)
