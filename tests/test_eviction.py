@@ -951,7 +951,7 @@ def _evict_one_by_one(built, k):
 @pytest.mark.parametrize("mode,first", [("off", (24, 24)), ("marks", (44, 14)), ("all", (44, 14)), (None, (44, 14))])
 def test_single_budget_marks_superseded_path_goes_first(make_marconi, mode, first):
     """One byte budget, ``superseded_first``: with ``single_budget_marks`` "marks"
-    (the default, ``None`` here) or "all" the single queue evicts the tail r3
+    or "all" (the default, ``None`` here) the single queue evicts the tail r3
     branched away from (r1's 30..44, KV and state) before r2's older leaf;
     "off" is plain recency."""
     cfg = {} if mode is None else {"single_budget_marks": mode}
@@ -963,13 +963,16 @@ def test_single_budget_marks_superseded_path_goes_first(make_marconi, mode, firs
     ("off", [(20, 0), (24, 4), (20, 20)]),
     ("marks", [(20, 0), (24, 4), (20, 20)]),
     ("all", [(20, 0), (10, 0), (24, 4)]),
+    (None, [(20, 0), (10, 0), (24, 4)]),
 ])
 def test_single_budget_marks_all_evicts_internal_states_before_leaves(make_marconi, mode, order):
-    """``tombstones_first`` acts in the single queue only with "all": r2's
+    """``tombstones_first`` acts in the single queue only with "all" (the default,
+    ``None`` here): r2's
     input-end state (internal, newer) goes before r1's last-token leaf (older).
     Without it the queue goes by age alone: r1's input-end state, r1's output
     leaf, then r1's input KV, a leaf with no state left (20 tokens freed)."""
-    built, drv = make_marconi(input_state=True, tombstones_first=True, single_budget_marks=mode)
+    cfg = {} if mode is None else {"single_budget_marks": mode}
+    built, drv = make_marconi(input_state=True, tombstones_first=True, **cfg)
     drv.run(toks(1000, 20), toks(5000, 5))
     drv.run(toks(2000, 10), toks(6000, 3))
     assert _evict_one_by_one(built, 3) == order

@@ -244,11 +244,12 @@ class MarconiConfig:
     #: One byte budget (``single_budget_gb``, the replay's ``--single-budget``):
     #: which of the recency order's marks its single eviction queue applies.
     #: "off": none (plain recency; before round 11 the queue applied none);
-    #: "marks" (default, round 11): the paths a request branched away from and
+    #: "marks" (round 11's default): the paths a request branched away from and
     #: a conversation's likely last sequence go first (``superseded_first``,
-    #: ``ended_first``); "all": those and internal nodes' states before any
-    #: leaf (``tombstones_first``), as in the two pools' state pool.
-    single_budget_marks: str = "marks"
+    #: ``ended_first``); "all" (the default since round 13): those and internal
+    #: nodes' states before any leaf (``tombstones_first``), as in the two
+    #: pools' state pool.
+    single_budget_marks: str = "all"
     #: Where α replays run: "process" (off the scheduler's GIL), "thread", or
     #: "inline" (synchronous; for tests and deterministic replays).
     tuner: str = "process"
