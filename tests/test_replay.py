@@ -291,8 +291,9 @@ def test_end_oracle_evicts_a_finished_session_before_a_live_one(tmp_path):
     109-token sequence (100 + 10 - 1); c's needs room, and recency evicts b's, the
     oldest, so b's second turn misses. Told that a's and c's requests are their
     sessions' last (``--end-oracle``), the cache evicts a's instead and b's second
-    turn hits all 109 tokens (its 17 new tokens fit beside c's). The learned end predictor has seen too few endings to mark anything, and LRU has
-    no ``ended_first``: neither changes."""
+    turn hits all 109 tokens (its 17 new tokens fit beside c's). The learned end
+    predictor has seen too few endings to mark anything, and LRU has no
+    ``ended_first``: neither changes."""
     from sglang_marconi.policy import builtin_profile
 
     b1, cb = toks(1000, 100), toks(5000, 10)

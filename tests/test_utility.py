@@ -315,7 +315,7 @@ def test_parse_config_defaults():
     assert cfg.superseded_first and cfg.superseded_min_shared == 0.25 and cfg.superseded_share_from == "fork"
     assert cfg.ended_first and cfg.end_tail_tokens == 4 and cfg.end_max_continue == 0.1
     assert cfg.end_labels == "sequence" and cfg.ended_in_density
-    # ... and under one byte budget the single queue applies those two marks (round 11)
+    # ... and under one byte budget the single queue applies those two marks and tombstones-first (round 13)
     assert cfg.single_budget_marks == "all" and parse_config({"variant": "paper"}).single_budget_marks == "off"
     assert not parse_config({"variant": "paper"}).ended_first
     assert parse_config({"superseded_min_shared": 0}).superseded_min_shared == 0.0

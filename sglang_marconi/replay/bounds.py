@@ -58,17 +58,25 @@ def turn_hazards(requests: Sequence[Request], next_use: Sequence[int]) -> tuple[
     return {b: ends.get(b, 0) / c for b, c in seen.items()}, max(mean_gap, 1e-9)
 
 
-def session_hit_rate(requests: Sequence[Request], capacity: float, policy: str) -> float:
-    """Token hit rate (hit tokens / prompt tokens) of ``policy`` at ``capacity`` KV tokens."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown bound policy {policy!r} (known: {', '.join(POLICIES)})")
+def session_next_use(requests: Sequence[Request]) -> list[int]:
+    """Per request, the index of the same session's next request
+    (``len(requests)``: none, the request is its session's last)."""
     n = len(requests)
-    next_use = [n] * n  # index of the same session's next request (n: none)
+    next_use = [n] * n
     last_seen: dict = {}
     for i in range(n - 1, -1, -1):
         sid = requests[i].session_id
         next_use[i] = last_seen.get(sid, n)
         last_seen[sid] = i
+    return next_use
+
+
+def session_hit_rate(requests: Sequence[Request], capacity: float, policy: str) -> float:
+    """Token hit rate (hit tokens / prompt tokens) of ``policy`` at ``capacity`` KV tokens."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown bound policy {policy!r} (known: {', '.join(POLICIES)})")
+    n = len(requests)
+    next_use = session_next_use(requests)
     if policy == "turn-hazard":
         hazard, mean_gap = turn_hazards(requests, next_use)
 

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
+from .bounds import session_next_use
 from .loaders import SWE_ARRIVALS, LoadOptions, Trace, TraceError, load_trace
 from .policies import (
     MARCONI_DEFAULT_CONFIG, POLICIES, Budget, PolicyError, PolicyOptions, TraceShape, build_policy, close,
@@ -83,15 +84,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[k - 1]
 
 
-def session_last_turns(trace: Trace) -> dict:
-    """Each session's last replayed turn (``--end-oracle``)."""
-    last: dict = {}
-    for r in trace.requests:
-        if r.turn > last.get(r.session_id, -1):
-            last[r.session_id] = r.turn
-    return last
-
-
 def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
                popts: PolicyOptions = PolicyOptions(), ttft_a_ms: float = TTFT_A_MS, ttft_b_ms: float = TTFT_B_MS,
                progress: Optional[Callable[[int], None]] = None) -> RunResult:
@@ -103,12 +95,12 @@ def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
     ttft: list[float] = []
     hits: list[int] = []
     oracle_state = getattr(built.cache, "marconi", None) if popts.end_oracle else None
-    last_turn = session_last_turns(trace) if oracle_state is not None else {}
+    next_use = session_next_use(trace.requests) if oracle_state is not None else []
     t0 = time.perf_counter()
     try:
         for i, r in enumerate(trace.requests):
             if oracle_state is not None:
-                oracle_state.ending_oracle = r.turn == last_turn[r.session_id]
+                oracle_state.ending_oracle = next_use[i] == len(trace.requests)
             res = drv.run(r.prompt_ids, r.completion_ids)
             hits.append(res.hit_len)
             hit_tokens += res.hit_len
