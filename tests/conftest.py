@@ -17,7 +17,7 @@ def make_marconi():
     """make_marconi(kv_slots, mamba_slots, kv_budget=None, state_budget=None, **config) -> (built, driver).
 
     Config defaults here: alpha 0, utility_form "sum", inline tuner, input_state,
-    tombstones_first, superseded_first and ended_first false, end_labels "cache",
+    tombstones_first, superseded_first and ended_first false, tombstones_spare_fork_hits off, end_labels "cache",
     the superseded share counted from the root at 0.5 (the base rules the hand-computed tests spell out)."""
     from sglang_marconi.policy import builtin_profile, parse_config
     from sglang_marconi.sglang_backend.driver import CacheDriver
@@ -33,6 +33,7 @@ def make_marconi():
         config.setdefault("tombstones_first", False)
         config.setdefault("superseded_first", False)
         config.setdefault("ended_first", False)
+        config.setdefault("tombstones_spare_fork_hits", "off")
         # the revision share from the root, at half the sequence (rounds 7-11's rule, which the
         # hand-computed superseded tests spell out; the default's "fork" rule has its own test)
         config.setdefault("superseded_share_from", "root")

@@ -565,6 +565,7 @@ def test_default_config_input_end_state_hand_computed(make_marconi):
 
     default = MarconiConfig()
     built, drv = make_marconi(input_state=default.input_state, tombstones_first=default.tombstones_first,
+                              tombstones_spare_fork_hits=default.tombstones_spare_fork_hits,
                               utility_form=default.utility_form)
     assert default.alpha == 0.0
     st = built.cache.marconi
@@ -662,6 +663,72 @@ def test_tombstones_spare_branches_keeps_a_fresh_branch_state_in_the_recency_ord
     # (node end, KV tokens freed): a tombstone frees no KV, a leaf its own tokens
     assert fill(tombstones_spare_branches=False) == [(20, 0), (30, 0), (44, 14)]
     assert fill(tombstones_spare_branches=True) == [(20, 0), (44, 14), (30, 10)]
+
+
+def _fork_run(make_marconi, **cfg):
+    """r1 (prefix p, last-token state at 44); r2 branches off it at 20 (a branch
+    state); r3 diverges right at that state (its token 20 starts neither child):
+    a fork hit; r4 hits it too but runs on along r1's path to 30: no fork hit."""
+    p = toks(1000, 40)
+    built, drv = make_marconi(tombstones_first=True, state_candidates="all", kv_slots=4096, mamba_slots=32, **cfg)
+    drv.run(p, toks(5000, 5))                    # r1: last-token state at 44
+    drv.run(p[:20] + toks(2000, 10), [7])        # r2: branch state at 20, leaf at 30
+    drv.run(p[:20] + toks(3000, 10), [8])        # r3: a fork hit at 20, leaf at 30
+    drv.run(p[:30] + toks(4000, 10), [9])        # r4: hits 20, branch state at 30, leaf at 40
+    fork = node_ending_at(built, 20, p)
+    assert fork.marconi_hits == 2 and fork.marconi_fork_hits == 1
+    built.cache.marconi.log_evictions = True
+    return built, fork
+
+
+@pytest.mark.parametrize("mode,spared", [("off", False), ("two_pools", True), ("both", True), (None, True)])
+def test_tombstones_spare_fork_hits_keeps_a_shared_fork_state_in_the_state_pool_order(make_marconi, mode, spared):
+    """``tombstones_spare_fork_hits`` (``None``: the default, "two_pools"): the
+    state at 20 served a fork, so the state pool keeps it in the recency order,
+    where r4's hit made it newer than r1's, r2's and r3's leaves: they go first,
+    by age. "off": it is a tombstone hit before, the first to go."""
+    from sglang_marconi.policy.config import MarconiConfig
+
+    built, fork = _fork_run(make_marconi, tombstones_spare_fork_hits=(
+        MarconiConfig().tombstones_spare_fork_hits if mode is None else mode))
+    evict_states(built, 3)
+    log = [(end, tokens) for _, end, tokens, _ in built.cache.marconi.counters.eviction_log]
+    assert log == ([(44, 14), (30, 10), (30, 10)] if spared else [(20, 0), (44, 14), (30, 10)])
+    assert has_state(fork) is spared
+
+
+@pytest.mark.parametrize("mode,spared", [("two_pools", False), ("both", True)])
+def test_tombstones_spare_fork_hits_in_the_single_queue_only_with_both(make_marconi, mode, spared):
+    """One byte budget's queue (``single_budget_marks: "all"``): the fork state's
+    key is its own stamp only with "both"; with "two_pools" it is a tombstone's,
+    below every leaf's (the queue takes it once it holds at most one child).
+    The state pool spares it in both modes."""
+    from sglang_marconi.sglang_backend.state import TOMBSTONE_FIRST_SHIFT
+
+    built, fork = _fork_run(make_marconi, tombstones_spare_fork_hits=mode)
+    st = built.cache.marconi
+    assert st.state_pool_candidate(fork, frees_kv=False).last_access == fork.marconi_t
+    key = st.single_budget_candidate(fork, frees_kv=False).last_access
+    assert key == (fork.marconi_t if spared else fork.marconi_t - TOMBSTONE_FIRST_SHIFT)
+
+
+def test_a_hit_that_extends_a_leaf_is_no_fork_hit(make_marconi):
+    """The next turn of one sequence hits its last-token state, a leaf, and
+    extends it: not a fork, so the state stays a tombstone-first candidate."""
+    built, drv = make_marconi(tombstones_first=True, tombstones_spare_fork_hits="two_pools")
+    r1 = toks(1000, 20) + toks(5000, 5)
+    drv.run(toks(1000, 20), toks(5000, 5))       # last-token state at 24 (a leaf)
+    drv.run(r1[:24] + toks(6000, 6), [3])        # hits it and extends it
+    leaf = node_ending_at(built, 24, r1[:24])
+    assert leaf.marconi_hits == 1 and getattr(leaf, "marconi_fork_hits", 0) == 0
+
+
+def test_tombstones_spare_fork_hits_config_error():
+    from sglang_marconi.policy import parse_config
+    from sglang_marconi.policy.config import MarconiConfigError
+
+    with pytest.raises(MarconiConfigError, match="tombstones_spare_fork_hits=True"):
+        parse_config({"tombstones_spare_fork_hits": True})
 
 
 def _superseded_run(make_marconi, extend_r1=False, **cfg):

@@ -41,6 +41,7 @@ DENSITY_VALUES = ("flops", "tokens")
 DENSITY_RANKS = ("dead_first", "full")
 END_LABELS = ("cache", "sequence")
 SINGLE_BUDGET_MARKS = ("off", "marks", "all")
+SPARE_FORK_MODES = ("off", "two_pools", "both")
 SHARE_FROM = ("root", "fork")
 
 #: Keys whose value is one of a fixed set of strings.
@@ -57,6 +58,7 @@ _CHOICES = {
     "density_rank": DENSITY_RANKS,
     "end_labels": END_LABELS,
     "single_budget_marks": SINGLE_BUDGET_MARKS,
+    "tombstones_spare_fork_hits": SPARE_FORK_MODES,
     "superseded_share_from": SHARE_FROM,
     "tuner": TUNER_MODES,
 }
@@ -188,6 +190,13 @@ class MarconiConfig:
     #: ... except a branch point's state not hit since it was admitted (it stays
     #: in the recency order with the leaves).
     tombstones_spare_branches: bool = True
+    #: ... and a state that served a fork: a hit whose request diverged right
+    #: at it from the node's children (a shared prompt's fork, where the next
+    #: question or conversation starts), unlike a hit that extends a leaf (the
+    #: next turn of one conversation). "two_pools": in the state pool of
+    #: SGLang's two pools (the default since round 14); "both": also in the
+    #: single byte budget's queue (``single_budget_marks: "all"``); "off".
+    tombstones_spare_fork_hits: str = "two_pools"
     #: Recency order, both pools: when a request branches off inside a path that
     #: had no branch there (it diverges from the cached sequence: an agent
     #: dropped or edited part of its history, a chat template re-rendered the

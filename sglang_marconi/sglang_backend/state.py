@@ -304,7 +304,8 @@ class MarconiState:
             return Candidate(key=node, last_access=_stamp(node, pool), flops_saved=0.0, nbytes=0)
         return self.candidate(node, frees_kv=frees_kv, pool=pool)
 
-    def state_pool_candidate(self, node, *, frees_kv: bool, tombstones: Optional[bool] = None) -> Candidate:
+    def state_pool_candidate(self, node, *, frees_kv: bool, tombstones: Optional[bool] = None,
+                             single_queue: bool = False) -> Candidate:
         """An eviction candidate of the SSM-state pool: with ``tombstones_first``
         (or ``tombstones``, when given) an internal holder's stamp is shifted
         below every leaf's (order kept within each group), except a branch state
@@ -313,7 +314,7 @@ class MarconiState:
         cand = self.eviction_candidate(node, frees_kv=frees_kv)
         if tombstones is None:
             tombstones = self.tombstones_first
-        if tombstones and node.children and not self._spared_branch(node):
+        if tombstones and node.children and not self._spared_branch(node, single_queue=single_queue):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
         elif self._goes_first(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
@@ -335,7 +336,8 @@ class MarconiState:
         if mode == "off":
             return self.eviction_candidate(node, frees_kv=frees_kv)
         # the state pool's shifts; tombstones-first only with "all"
-        return self.state_pool_candidate(node, frees_kv=frees_kv, tombstones=mode == "all" and self.tombstones_first)
+        return self.state_pool_candidate(node, frees_kv=frees_kv, tombstones=mode == "all" and self.tombstones_first,
+                                         single_queue=True)
 
     def _goes_first(self, node) -> bool:
         """In the recency order: ``node`` lies on a path a request branched away
@@ -513,10 +515,15 @@ class MarconiState:
             _, old = pending.popitem(last=False)
             old.node.marconi_pending = None
 
-    def _spared_branch(self, node) -> bool:
+    def _spared_branch(self, node, *, single_queue: bool = False) -> bool:
         """``tombstones_spare_branches``: a branch point's state not hit since it was
         admitted keeps its place in the recency order (the request that made the
-        branch, or its sibling, is the likely next hit)."""
+        branch, or its sibling, is the likely next hit); ``tombstones_spare_fork_hits``:
+        so does a state a request diverged at (a shared prompt's fork), in the
+        queues that mode names."""
+        forks = self.config.tombstones_spare_fork_hits
+        if (forks == "both" or (forks == "two_pools" and not single_queue)) and getattr(node, "marconi_fork_hits", 0):
+            return True
         return (self.config.tombstones_spare_branches and getattr(node, "marconi_branch", False)
                 and getattr(node, "marconi_hits", 0) == 0)
 
