@@ -677,6 +677,7 @@ def _fork_run(make_marconi, **cfg):
     drv.run(p[:30] + toks(4000, 10), [9])        # r4: hits 20, branch state at 30, leaf at 40
     fork = node_ending_at(built, 20, p)
     assert fork.marconi_hits == 2 and fork.marconi_fork_hits == 1
+    assert built.cache.marconi.counters.as_dict()["fork_hits"] == 1
     built.cache.marconi.log_evictions = True
     return built, fork
 

@@ -193,7 +193,8 @@ class MarconiConfig:
     #: ... and a state that served a fork: a hit whose request diverged right
     #: at it from the node's children (a shared prompt's fork, where the next
     #: question or conversation starts), unlike a hit that extends a leaf (the
-    #: next turn of one conversation). "two_pools": in the state pool of
+    #: next turn of one conversation). Counted per node, so a state admitted
+    #: again where one served a fork is spared at once. "two_pools": in the state pool of
     #: SGLang's two pools (the default since round 14); "both": also in the
     #: single byte budget's queue (``single_budget_marks: "all"``); "off".
     tombstones_spare_fork_hits: str = "two_pools"

@@ -57,6 +57,7 @@ class MarconiMambaComponent(MambaComponent):
             if result.full_kv_hit_length == result.device_prefix_len and node.children:
                 # the request diverges right at this state from its children: a fork
                 node.marconi_fork_hits = getattr(node, "marconi_fork_hits", 0) + 1
+                st.counters.fork_hits += 1
         if st.config.branch_points == "exact":
             boundary = result.device_prefix_len + result.host_hit_length
             result = result._replace(

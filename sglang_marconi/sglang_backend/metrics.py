@@ -43,6 +43,7 @@ GAUGES = {
     "marconi_leader_replayed": "utility_form leader: finished requests the shadow caches have replayed so far",
     "marconi_superseded_marks": "superseded_first: radix-tree nodes marked as a path a request branched away from",
     "marconi_ended_marks": "ended_first: finished requests whose sequence was marked as a conversation's likely end",
+    "marconi_fork_hits": "state hits whose request diverged right at the state (a shared prompt's fork)",
 }
 
 _KEYS = {
@@ -58,6 +59,7 @@ _KEYS = {
     "marconi_leader_switches": "leader_switches",
     "marconi_superseded_marks": "superseded_marks",
     "marconi_ended_marks": "ended_marks",
+    "marconi_fork_hits": "fork_hits",
 }
 
 

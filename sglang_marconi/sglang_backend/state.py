@@ -64,6 +64,7 @@ class MarconiCounters:
     leader_switches: int = 0  # utility_form "leader": changes of eviction order
     superseded_marks: int = 0  # superseded_first: nodes marked as left behind by a branch
     ended_marks: int = 0  # ended_first: finished requests whose sequence was marked as a conversation's end
+    fork_hits: int = 0  # state hits whose request diverged right at the state from its node's children
     eviction_log: list = field(default_factory=list)  # (pool, node_end, tokens, utility), bounded
 
     def as_dict(self) -> dict[str, Any]:
@@ -80,6 +81,7 @@ class MarconiCounters:
             "leader_switches": self.leader_switches,
             "superseded_marks": self.superseded_marks,
             "ended_marks": self.ended_marks,
+            "fork_hits": self.fork_hits,
         }
 
 
