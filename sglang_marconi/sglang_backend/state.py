@@ -311,12 +311,13 @@ class MarconiState:
         """An eviction candidate of the SSM-state pool: with ``tombstones_first``
         (or ``tombstones``, when given) an internal holder's stamp is shifted
         below every leaf's (order kept within each group), except a branch state
-        not hit yet with ``tombstones_spare_branches``; a marked node's
-        (``_goes_first``) likewise."""
+        not hit yet with ``tombstones_spare_branches`` and a state that served a
+        fork with ``tombstones_spare_fork_hits`` (``single_queue``: the caller is
+        the single byte budget's queue); a marked node's (``_goes_first``) likewise."""
         cand = self.eviction_candidate(node, frees_kv=frees_kv)
         if tombstones is None:
             tombstones = self.tombstones_first
-        if tombstones and node.children and not self._spared_branch(node, single_queue=single_queue):
+        if tombstones and node.children and not self._spared_tombstone(node, single_queue=single_queue):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
         elif self._goes_first(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
@@ -517,7 +518,7 @@ class MarconiState:
             _, old = pending.popitem(last=False)
             old.node.marconi_pending = None
 
-    def _spared_branch(self, node, *, single_queue: bool = False) -> bool:
+    def _spared_tombstone(self, node, *, single_queue: bool = False) -> bool:
         """``tombstones_spare_branches``: a branch point's state not hit since it was
         admitted keeps its place in the recency order (the request that made the
         branch, or its sibling, is the likely next hit); ``tombstones_spare_fork_hits``:
