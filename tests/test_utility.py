@@ -310,6 +310,7 @@ def test_parse_config_defaults():
     assert cfg.leader_guard_grace == 200  # the guard waits as long as a lead had to hold
     assert cfg.leader_density_reuse and not cfg.density_reuse  # the reuse classes: the leader's third order
     assert cfg.tombstones_spare_branches  # a branch state not hit yet is not a tombstone-first candidate
+    assert cfg.tombstones_spare_fork_hits == "two_pools"  # ... nor, in the state pool, a state that served a fork (round 14)
     # the path a request branched away from (sharing at least a quarter of it past the
     # nearest shared prompt's fork, and one 64-token block) goes first (round 12)
     assert cfg.superseded_first and cfg.superseded_min_shared == 0.25 and cfg.superseded_share_from == "fork"
