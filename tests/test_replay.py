@@ -368,3 +368,116 @@ def test_turn_hazard_bound_hand_computed():
     assert session_hit_rate(reqs, 25, "lru") == 0.0
     assert session_hit_rate(reqs, 25, "turn-hazard") == pytest.approx(10 / 41)
     assert session_hit_rate(reqs, 25, "end-oracle") == pytest.approx(10 / 41)
+
+
+# ------------------------------------------------------------------ live-hit ceiling
+
+
+def _arrays(*seqs):
+    import numpy as np
+
+    return [np.asarray(s, dtype=np.int64) for s in seqs]
+
+
+def test_hit_ceiling_hand_computed():
+    """Prefixes a=[1,2,3], b=[1,2,3,4], c=[1,2,5], d=[7,8]: tokens 1 and 2 are on
+    three prefixes, 3 on two; b, c and d have 1, 1 and 2 tokens of their own."""
+    from sglang_marconi.replay.bounds import hit_ceiling, shared_histogram
+
+    p = _arrays([1, 2, 3], [1, 2, 3, 4], [1, 2, 5], [7, 8])
+    runs, shared = shared_histogram(p)
+    assert sorted(runs) == [(2, 1), (3, 2)]
+    assert shared == [3, 3, 2, 0]
+    assert hit_ceiling(p, 2) == 6  # 1, 2: three prefixes each
+    assert hit_ceiling(p, 4) == 9  # + 3 (two) + one own token
+    assert hit_ceiling(p, 10) == 12  # everything: 3 + 4 + 3 + 2
+    # a state per prefix that keeps own tokens costs 2 tokens of room (7 left after the shared 3):
+    # one prefix keeps 2 own tokens (cost 4) or two keep 3 (cost 7); three would leave 1
+    assert hit_ceiling(p, 10, state_tokens=2) == 11
+    assert hit_ceiling(p, 10, max_states=1) == 10  # d's 2 own tokens only
+    assert hit_ceiling(p, 0) == 0 and hit_ceiling([], 10) == 0
+    with pytest.raises(ValueError, match="state_tokens must be >= 0"):
+        hit_ceiling(p, 10, state_tokens=-1)
+
+
+def test_hit_ceiling_is_the_best_prefix_closed_choice():
+    """Against brute force on small alphabets: every way to keep a prefix of each
+    sequence whose union (plus a state per sequence keeping tokens past what it
+    shares) fits the room. The ceiling is that maximum, not just above it."""
+    import itertools
+
+    from hypothesis import given, settings, strategies as stn
+
+    from sglang_marconi.replay.bounds import hit_ceiling, shared_histogram
+
+    seq = stn.lists(stn.integers(0, 2), min_size=0, max_size=4)
+
+    @settings(max_examples=150, deadline=None)
+    @given(stn.lists(seq, min_size=1, max_size=4), stn.integers(0, 14), stn.sampled_from([0.0, 1.5]),
+           stn.sampled_from([None, 1, 2]))
+    def check(seqs, room, sigma, max_states):
+        p = _arrays(*seqs)
+        _, shared = shared_histogram(p)
+        best = 0
+        for keep in itertools.product(*(range(len(s) + 1) for s in seqs)):
+            union = {tuple(s[:k][: i + 1]) for s, k in zip(seqs, keep) for i in range(k)}
+            owners = sum(k > m for k, m in zip(keep, shared))
+            if max_states is not None and owners > max_states:
+                continue
+            if len(union) + sigma * owners <= room:
+                best = max(best, sum(keep))
+        assert hit_ceiling(p, room, state_tokens=sigma, max_states=max_states) == pytest.approx(best)
+
+    check()
+
+
+def test_peek_hit_is_the_next_hit_and_changes_nothing(tmp_path):
+    """``--live-ceiling 1`` walks the tree before every request: the hits are
+    those of the same replay without it, request for request, and each policy's
+    expected hit sits at or below the ceiling. A session's next request hits
+    what the probe said it would."""
+    from sglang_marconi.policy import builtin_profile
+
+    rng = random.Random(3)
+    reqs, history = [], {}
+    for i in range(40):
+        sid = f"s{rng.randrange(5)}"
+        prompt = history.get(sid, toks(0, 20)) + toks(1000 * (i + 1), rng.randrange(5, 40))
+        out = toks(500_000 + 1000 * i, rng.randrange(2, 12))
+        reqs.append((sid, prompt, out))
+        history[sid] = prompt + out
+    trace = write_trace(tmp_path / "t.jsonl", reqs)
+    kv_gb = repr(150 * builtin_profile("paper-7b").kv_bytes(1) / 1e9)
+    args = ("--policies", "lru,marconi", "--kv-gb", kv_gb, "--ssm-gb", "0.5", "--no-timing")
+    plain = replay_json(tmp_path, trace, *args, name="plain.json")
+    probed = replay_json(tmp_path, trace, *args, "--live-ceiling", "1", name="probed.json")
+    for policy in ("lru", "marconi"):
+        a, b = run_of(plain, policy), run_of(probed, policy)
+        assert a["hit_tokens"] == b["hit_tokens"] and a["kv_tokens_evicted"] == b["kv_tokens_evicted"]
+        assert b["live_samples"] > 20
+        assert 0 < b["live_expected_hit"] <= b["live_hit_ceiling"]
+        assert "live_expected_hit" not in a or a["live_expected_hit"] is None
+
+    # the probe's walk against the real match, request by request
+    from sglang_marconi.replay.policies import Budget, PolicyOptions, TraceShape, build_policy, close
+    from sglang_marconi.replay.loaders import LoadOptions, load_trace
+
+    t = load_trace(trace, LoadOptions())
+    profile = builtin_profile("paper-7b")
+    budget = Budget(kv_gb=float(kv_gb), ssm_gb=0.5)
+    built, drv, _ = build_policy("marconi", profile, budget, TraceShape(t.longest, len(t.requests), t.stream_tokens()),
+                                 PolicyOptions())
+    try:
+        for r in t.requests:
+            expected = drv.peek_hit(r.prompt_ids[:-1])
+            assert drv.peek_hit(r.prompt_ids[:-1]) == expected
+            assert drv.run(r.prompt_ids, r.completion_ids).hit_len == expected
+    finally:
+        close(built)
+
+
+def test_live_ceiling_option_error(tmp_path, capsys):
+    path = write_trace(tmp_path / "t.jsonl", [("a", [1, 2, 3], [4])])
+    assert main(["--trace", path, "--no-progress", "--live-ceiling", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--live-ceiling must be an integer >= 1 (0: off), got -1" in err and err.count("\n") == 1

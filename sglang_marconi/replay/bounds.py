@@ -26,13 +26,31 @@ its session, and the session's new context replaces it. Three policies:
 The gap between ``end-oracle`` and ``belady`` is what only knowledge of arrival
 order buys; on a trace whose turn gaps are drawn i.i.d. (the SWE-agent loader's
 exponential gaps) no online policy can predict it.
+
+The live-hit ceiling (:func:`hit_ceiling`, :class:`LiveHitProbe`; the replay's
+``--live-ceiling K``) is a bound on the real cache instead of a model of it.
+With i.i.d. exponential turn gaps every live session (started, not ended) is
+equally likely to send the next request, so the next request's expected hit is
+the mean, over live sessions, of what that session's next prompt would hit in
+the cache now. No cache can hold more of that than the best choice of
+prefix-closed token sets within its budget: every token shared by ``m`` live
+sessions' cacheable prefixes counts ``m`` times, each session's own tokens once,
+and (with a per-state cost) each session that keeps any own tokens pays for one
+state. That ceiling knows which sessions are live (end knowledge), may cut a
+sequence at any token (no node granularity, no missing states) and never leaves
+the budget unfilled; a cache reaches it only by being all of those. The probe
+measures a policy's own expected hit at the same moments, so ``ceiling ÷ LRU's
+expected hit`` bounds the gain any eviction policy can make over LRU there
+without knowing the arrival order.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Sequence
+from typing import Callable, Optional, Sequence
+
+import numpy as np
 
 from .loaders import SWE_ARRIVALS, LoadOptions, Request, TraceError, load_trace
 
@@ -113,6 +131,150 @@ def session_hit_rate(requests: Sequence[Request], capacity: float, policy: str) 
         stamp[sid] = i
         used += size
     return hit / total if total else 0.0
+
+
+def _lcp(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+def shared_histogram(prefixes: Sequence[np.ndarray]) -> tuple[list[tuple[int, int]], list[int]]:
+    """The trie of ``prefixes`` (token arrays): ``(multiplicity, tokens)`` for
+    every run of trie tokens on two or more of them, and per prefix (in the
+    given order) how many of its tokens are shared with another (its longest
+    common prefix with any other). Tokens past that are its own.
+
+    LCP intervals of the sorted prefixes: sorting puts prefixes that share a
+    longer start next to each other, so adjacent common prefixes give the trie.
+    """
+    n = len(prefixes)
+    order = sorted(range(n), key=lambda j: prefixes[j].tobytes())
+    lcp = [_lcp(prefixes[order[j - 1]], prefixes[order[j]]) for j in range(1, n)]
+    shared = [0] * n
+    for j in range(n):
+        left = lcp[j - 1] if j > 0 else 0
+        right = lcp[j] if j < n - 1 else 0
+        shared[order[j]] = max(left, right)
+    runs: list[tuple[int, int]] = []
+    stack = [(0, 0)]  # (common prefix length, first sorted index of the interval)
+    for i in range(1, n + 1):
+        depth = lcp[i - 1] if i < n else 0
+        lb = i - 1
+        while depth < stack[-1][0]:
+            top_depth, lb = stack.pop()
+            parent = max(depth, stack[-1][0])
+            runs.append((i - lb, top_depth - parent))  # sorted prefixes lb..i-1 share these tokens
+        if depth > stack[-1][0]:
+            stack.append((depth, lb))
+    return runs, shared
+
+
+def hit_ceiling(prefixes: Sequence[np.ndarray], kv_tokens: float, *, state_tokens: float = 0.0,
+                max_states: Optional[int] = None) -> float:
+    """Most hit tokens, summed over ``prefixes`` (each live session's cacheable
+    prefix of its next prompt), that any cache of ``kv_tokens`` KV tokens can
+    hold: the budget's tokens taken by how many prefixes run through them.
+
+    ``state_tokens``: one state's bytes in KV tokens, paid from the same budget
+    by every prefix that keeps tokens of its own (one byte budget); with
+    ``max_states`` at most that many prefixes keep own tokens (a state pool).
+    A state where prefixes share tokens only is not charged, so this stays an
+    upper bound.
+    """
+    if state_tokens < 0:
+        raise ValueError(f"state_tokens must be >= 0, got {state_tokens}")
+    if not prefixes or kv_tokens <= 0:
+        return 0.0
+    runs, shared = shared_histogram(prefixes)
+    runs.sort(reverse=True)
+    value = 0.0
+    room = math.floor(kv_tokens)
+    for mult, tokens in runs:  # most-shared first: along any path multiplicity only falls
+        take = min(tokens, room)
+        value += mult * take
+        room -= take
+        if room <= 0:
+            return value
+    own = sorted((len(p) - s for p, s in zip(prefixes, shared)), reverse=True)
+    if max_states is not None:
+        own = own[: max(0, max_states)]
+    best = 0.0
+    total = 0.0
+    for k, length in enumerate(own, start=1):  # k prefixes keep own tokens: the k longest
+        total += length
+        best = max(best, min(total, math.floor(room - k * state_tokens)))
+    return value + best
+
+
+class LiveHitProbe:
+    """Every ``every``-th request of a replay, before it runs: each live
+    session's expected hit in the cache (``peek(tokens)``: a read-only match)
+    and the :func:`hit_ceiling` of the same moment, averaged over the sessions
+    live then; :meth:`summary` averages both over the samples."""
+
+    def __init__(self, requests: Sequence[Request], every: int, kv_tokens: float, *, state_tokens: float = 0.0,
+                 max_states: Optional[int] = None):
+        if every < 1:
+            raise ValueError(f"live-hit probe: every must be >= 1, got {every}")
+        self.requests = requests
+        self.every = every
+        self.kv_tokens = kv_tokens
+        self.state_tokens = state_tokens
+        self.max_states = max_states
+        self.next_use = session_next_use(requests)
+        self.latest: dict = {}  # session -> index of its latest request so far
+        self._arrays: dict = {}
+        self.samples = 0
+        self.expected = 0.0
+        self.ceiling = 0.0
+        self.live = 0
+
+    def _tokens(self, r: Request) -> np.ndarray:
+        a = self._arrays.get(id(r.stream))
+        if a is None:
+            a = self._arrays[id(r.stream)] = np.asarray(r.stream, dtype=np.int64)
+        return a
+
+    def cacheable(self, last: Request, nxt: Request) -> np.ndarray:
+        """What of ``nxt``'s matchable prompt (all but its last token) ``last`` left in a cache."""
+        a = self._tokens(last)[: last.committed_len]
+        b = self._tokens(nxt)[: max(nxt.prompt_len - 1, 0)]
+        n = min(len(a), len(b)) if last.stream is nxt.stream else _lcp(a, b)
+        return b[:n]
+
+    def before(self, i: int, peek: Callable[[Sequence[int]], int]) -> None:
+        if i == 0 or i % self.every:
+            return
+        n = len(self.requests)
+        live = [j for j in self.latest.values() if self.next_use[j] < n]
+        if not live:
+            return
+        hits = 0
+        prefixes = []
+        for j in live:
+            nxt = self.requests[self.next_use[j]]
+            hits += peek(nxt.prompt_ids[:-1])
+            prefixes.append(self.cacheable(self.requests[j], nxt))
+        ceiling = hit_ceiling(prefixes, self.kv_tokens, state_tokens=self.state_tokens, max_states=self.max_states)
+        self.samples += 1
+        self.expected += hits / len(live)
+        self.ceiling += ceiling / len(live)
+        self.live += len(live)
+
+    def after(self, i: int) -> None:
+        self.latest[self.requests[i].session_id] = i
+
+    def summary(self) -> dict:
+        k = self.samples
+        return {
+            "live_samples": k,
+            "live_sessions_mean": round(self.live / k, 2) if k else None,
+            "live_expected_hit": round(self.expected / k, 2) if k else None,
+            "live_hit_ceiling": round(self.ceiling / k, 2) if k else None,
+        }
 
 
 def main(argv=None) -> int:

@@ -98,6 +98,9 @@ class PolicyOptions:
     #: ``ended_first`` are told which request is each session's last and mark
     #: its sequence by that instead of by their end predictor
     end_oracle: bool = False
+    #: ``--live-ceiling K`` (a bound, not a policy): every K-th request, each
+    #: live session's expected hit and the live-hit ceiling (``bounds.LiveHitProbe``)
+    live_ceiling_every: int = 0
 
     def variant(self, name: str) -> Optional[dict]:
         return dict(self.variants).get(name)

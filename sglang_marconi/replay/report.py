@@ -181,6 +181,30 @@ def print_table(console, doc: dict, results) -> None:
         p95 = [f"P95 TTFT vs {b} {-row[f'p95_ttft_reduction_vs_{b}']:+.1%}" for b in ("sglang", "lru", "vllm")
                if row.get(f"p95_ttft_reduction_vs_{b}") is not None]
         console.print(f"{budget}: token hit rate " + ", ".join(parts) + ("; " + ", ".join(p95) if p95 else ""))
+    _print_live_ceiling(console, results)
+
+
+def _print_live_ceiling(console, results) -> None:
+    """``--live-ceiling``: each run's expected hit per live session against the
+    most any cache of its budget could hold, and both against LRU's."""
+    from rich.table import Table
+
+    runs = [r for r in results if r.metrics.get("live_expected_hit") is not None]
+    if not runs:
+        return
+    lru = {r.budget.label(): r.metrics["live_expected_hit"] for r in runs if r.metrics["policy"] == "lru"}
+    table = Table(title="expected hit tokens of the next request, per live session (--live-ceiling)")
+    for col in ("budget", "policy", "samples", "live sessions", "expected hit", "ceiling", "÷ ceiling",
+                "÷ lru", "ceiling ÷ lru"):
+        table.add_column(col, justify="left" if col in ("budget", "policy") else "right")
+    for r in runs:
+        m = r.metrics
+        base = lru.get(r.budget.label())
+        e, c = m["live_expected_hit"], m["live_hit_ceiling"]
+        table.add_row(r.budget.label(), m["policy"], str(m["live_samples"]), f"{m['live_sessions_mean']:.1f}",
+                      f"{e:,.1f}", f"{c:,.1f}", f"{e / c:.3f}" if c else "-",
+                      f"{e / base:.3f}" if base else "-", f"{c / base:.3f}" if base else "-")
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- plot

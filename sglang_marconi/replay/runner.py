@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from .bounds import session_next_use
+from .bounds import LiveHitProbe, session_next_use
 from .loaders import SWE_ARRIVALS, LoadOptions, Trace, TraceError, load_trace
 from .policies import (
     MARCONI_DEFAULT_CONFIG, POLICIES, Budget, PolicyError, PolicyOptions, TraceShape, build_policy, close,
@@ -96,12 +96,17 @@ def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
     hits: list[int] = []
     oracle_state = getattr(built.cache, "marconi", None) if popts.end_oracle else None
     next_use = session_next_use(trace.requests) if oracle_state is not None else []
+    probe = _live_probe(trace, profile, budget, info, popts.live_ceiling_every, drv)
     t0 = time.perf_counter()
     try:
         for i, r in enumerate(trace.requests):
             if oracle_state is not None:
                 oracle_state.ending_oracle = next_use[i] == len(trace.requests)
+            if probe is not None:
+                probe.before(i, drv.peek_hit)
             res = drv.run(r.prompt_ids, r.completion_ids)
+            if probe is not None:
+                probe.after(i)
             hits.append(res.hit_len)
             hit_tokens += res.hit_len
             input_tokens += res.input_len
@@ -142,12 +147,26 @@ def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
             "admission": info.get("admission"),
             "replay_requests_per_s": round(n / wall, 1) if wall > 0 else None,
         }
+        if probe is not None:
+            m.update(probe.summary())
         if st is not None and (policy == "marconi" or policy.startswith("marconi:")):
             m["alpha"] = st.alpha
             m["alpha_tunings"] = len(st.tuner.events) if st.tuner is not None else 0
         return RunResult(policy, budget, m, ttft, info, hits)
     finally:
         close(built)
+
+
+def _live_probe(trace: Trace, profile, budget: Optional[Budget], info: dict, every: int, drv):
+    """The ``--live-ceiling`` probe of one budgeted run (None: off, or a cache it cannot walk)."""
+    if not every or budget is None or not drv.can_peek():
+        return None  # SGLang's own cache runs on its Rust tree core: no read-only walk there
+    kv_bytes = profile.kv_bytes(1)
+    if info.get("byte_budget") is not None:
+        # one byte budget: every token and every state are paid from it
+        return LiveHitProbe(trace.requests, every, info["byte_budget"] / kv_bytes,
+                            state_tokens=profile.ssm_state_bytes() / kv_bytes)
+    return LiveHitProbe(trace.requests, every, info["kv_budget_tokens"], max_states=info.get("state_budget"))
 
 
 # --------------------------------------------------------------- parallel runs
@@ -361,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-oracle", action="store_true",
                    help="a bound, not a policy: Marconi policies with ended_first are told which request is each "
                         "session's last and mark its sequence by that instead of by their end predictor")
+    p.add_argument("--live-ceiling", type=int, default=0, metavar="K",
+                   help="a bound, not a policy: every K-th request, each live session's expected hit in every "
+                        "policy's cache and the most any cache of the budget could hold (meaningful with "
+                        "i.i.d. exponential turn gaps; see replay.bounds); default off")
     p.add_argument("--sglang-grid", type=int, help="sglang checkpoint grid (default: the cache's mamba_checkpoint_grid)")
     o = ap.add_argument_group("output")
     o.add_argument("--ttft-a-ms", type=float, default=TTFT_A_MS, help=f"TTFT model a (default {TTFT_A_MS} ms)")
@@ -442,6 +465,8 @@ def run(args, *, console=None) -> dict:
         profile = resolve_profile(args.model)
     except MarconiConfigError as e:
         raise ReplayError(f"--model: {str(e).removeprefix('marconi config: ')}") from None
+    if args.live_ceiling < 0:
+        raise ReplayError(f"--live-ceiling must be an integer >= 1 (0: off), got {args.live_ceiling}")
     if args.end_oracle and not any(p == "marconi" or p.startswith("marconi:") for p in policies):
         raise ReplayError(f"--end-oracle acts on marconi policies only; --policies {args.policies!r} has none")
     if args.single_budget and "sglang" in policies:
@@ -466,7 +491,8 @@ def run(args, *, console=None) -> dict:
     with ui:
         trace = load_trace(args.trace, opt, use_cache=not args.no_cache, progress=ui.load_progress)
         popts = PolicyOptions(block=args.block, marconi_config=marconi_cfg, sglang_grid=args.sglang_grid,
-                              variants=variants, end_oracle=args.end_oracle)
+                              variants=variants, end_oracle=args.end_oracle,
+                              live_ceiling_every=args.live_ceiling)
         common = dict(popts=popts, ttft_a_ms=args.ttft_a_ms, ttft_b_ms=args.ttft_b_ms)
         inf_result = None
         inf = None

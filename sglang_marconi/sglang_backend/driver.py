@@ -209,6 +209,42 @@ class CacheDriver:
             cache.dec_lock_ref(held.node, held.lock.to_dec_params())
             held.node, held.lock = res.last_device_node, new_lock
 
+    # -- read-only probes -------------------------------------------------------
+    def can_peek(self) -> bool:
+        """Whether :meth:`peek_hit` can walk this tree (SGLang's Rust tree core
+        does not expose its nodes)."""
+        try:
+            return self.cache.tree_core.root_node is not None
+        except (AttributeError, NotImplementedError):
+            return False
+
+    def peek_hit(self, tokens: Sequence[int]) -> int:
+        """What a request whose matchable prompt is ``tokens`` would hit now:
+        the end of the deepest node on its path with KV all the way and an SSM
+        state of its own. Walks the tree without splitting a node or touching a
+        recency stamp (``match_prefix`` does both), so probing changes nothing."""
+        from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
+
+        core = self.cache.tree_core
+        if not self.can_peek():
+            raise NotImplementedError(f"peek_hit needs SGLang's Python tree core, not {type(core).__name__}")
+        root = core.root_node
+        full, mamba = ComponentType.FULL, _mamba_ct()
+        key = _key(tokens).page_aligned(core.page_size)
+        node, pos, hit = root, 0, 0
+        while pos < len(key):
+            child = node.children.get(key.child_key_at(pos, core.page_size))
+            if child is None or child.component_data[full].value is None:
+                break
+            matched = child.key.match_at(key, pos, page_size=core.page_size)
+            if matched < len(child.key):
+                break  # a state sits at a node's end only
+            pos += matched
+            node = child
+            if child.component_data[mamba].value is not None:
+                hit = pos
+        return hit
+
     # -- snapshots ------------------------------------------------------------
     def load_snapshot(self, snap) -> None:
         """Rebuild a tree exported by ``MarconiRadixCache.export_tree`` into this
