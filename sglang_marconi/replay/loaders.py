@@ -13,6 +13,8 @@ Sources (``--trace``):
   with ``tarfile`` (no extraction).
 * ``gsm8k[:DIR]`` — GSM8K k-shot (``--k``): the first k train problems as a
   shared exemplar prefix, one request per test problem.
+* ``mooncake:PATH``, ``longdoc[:SEED]``, ``toolagent[:SEED]`` — block-id traces in
+  the public Mooncake format and seeded synthetic shapes (``synthetic.py``).
 
 Conversations become requests as the traces README describes: request k of a
 session has as prompt every message before the session's k-th assistant
@@ -62,7 +64,12 @@ SOURCE_DEFAULTS = {
     "swe-agent": {"min_turns": 1, "max_turns": 50},  # paper: <= 50 turns
     "gsm8k": {"min_turns": 1, "max_turns": None},
     "jsonl": {"min_turns": 1, "max_turns": None},
+    "mooncake": {"min_turns": 1, "max_turns": None},  # sources in synthetic.py
+    "longdoc": {"min_turns": 1, "max_turns": None},
+    "toolagent": {"min_turns": 1, "max_turns": None},
 }
+#: sources whose prompts are long by design: no --max-tokens cut unless one is given
+UNCUT_SOURCES = ("mooncake", "longdoc", "toolagent")
 
 Progress = Optional[Callable[[str, int, int], None]]  # (stage, done, total)
 
@@ -332,7 +339,7 @@ def traces_dir() -> Path:
 
 def parse_source(spec: str) -> tuple[str, Optional[str]]:
     """``--trace`` -> (kind, path or None)."""
-    for kind in ("sharegpt", "swe-agent", "gsm8k"):
+    for kind in ("sharegpt", "swe-agent", "gsm8k", "mooncake", "longdoc", "toolagent"):
         if spec == kind:
             return kind, None
         if spec.startswith(kind + ":"):
@@ -341,8 +348,15 @@ def parse_source(spec: str) -> tuple[str, Optional[str]]:
         return "jsonl", spec
     raise TraceError(
         f"--trace {spec!r}: expected a canonical trace PATH.jsonl, or sharegpt[:PATH], "
-        "swe-agent[:PATH.tgz], gsm8k[:DIR]"
+        "swe-agent[:PATH.tgz], gsm8k[:DIR], mooncake:PATH.jsonl, longdoc[:SEED], toolagent[:SEED]"
     )
+
+
+def default_max_tokens(spec: str, given: Optional[int]) -> Optional[int]:
+    """``--max-tokens``: as given, else the paper's 32768 cut (none for ``UNCUT_SOURCES``)."""
+    if given is not None:
+        return given
+    return None if parse_source(spec)[0] in UNCUT_SOURCES else LoadOptions.max_tokens
 
 
 def _file_identity(path: str) -> dict:
@@ -861,6 +875,11 @@ def load_trace(
     kind, path = parse_source(spec)
     opt = opt.resolved(kind)
     opt.validate()
+    if kind in UNCUT_SOURCES:  # block-id traces and seeded shapes (synthetic.py): no tokenizer, no cache
+        from .synthetic import load_synthetic
+
+        name, requests, cut, meta = load_synthetic(kind, path, opt)
+        return _finish(name, kind, requests, cut, opt, None, meta)
     if kind == "jsonl":
         fmt, records = read_canonical(path)
         records = _select_canonical(records, opt)
@@ -944,6 +963,6 @@ def _finish(name, kind, requests, cut, opt: LoadOptions, tok, meta) -> Trace:
 
 __all__ = [
     "LoadOptions", "Request", "Trace", "TraceError", "TextSession", "TextTurn",
-    "conversation_turns", "gsm8k_prefix", "load_trace", "parse_source", "read_canonical", "render",
+    "conversation_turns", "default_max_tokens", "gsm8k_prefix", "load_trace", "parse_source", "read_canonical", "render",
     "tokenize_sessions", "cache_dir", "traces_dir",
 ]

@@ -20,7 +20,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from .bounds import LiveHitProbe, session_next_use
-from .loaders import SWE_ARRIVALS, LoadOptions, Trace, TraceError, load_trace
+from .loaders import SWE_ARRIVALS, LoadOptions, Trace, TraceError, default_max_tokens, load_trace
 from .policies import (
     MARCONI_DEFAULT_CONFIG, POLICIES, Budget, PolicyError, PolicyOptions, TraceShape, build_policy, close,
 )
@@ -357,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "trace); @FILE reads it from a file")
     t.add_argument("--max-turns", type=int, help="requests per session (default: swe-agent 50, others unlimited)")
     t.add_argument("--min-turns", type=int, help="skip shorter sessions (default: sharegpt 10, others 1)")
-    t.add_argument("--max-tokens", type=int, default=32768,
-                   help="cut a session at its first request longer than this (prompt + completion; default 32768)")
+    t.add_argument("--max-tokens", type=int,
+                   help="cut a session at its first request longer than this (prompt + completion; default 32768, "
+                        "none for mooncake, longdoc and toolagent)")
     t.add_argument("--sps", type=float, default=1.0, help="sessions per second: session i starts at i/sps (default 1)")
     t.add_argument("--seed", type=int, default=0, help="seed of the arrival gaps (default 0)")
     t.add_argument("--swe-arrivals", choices=SWE_ARRIVALS, default="poisson",
@@ -483,7 +484,8 @@ def run(args, *, console=None) -> dict:
             raise ReplayError(f"--system-prompt {args.system_prompt}: cannot read ({e.strerror})") from None
     opt = LoadOptions(
         skip_sessions=args.skip_sessions, system_prompt=system_prompt,
-        sessions=args.sessions, max_turns=args.max_turns, max_tokens=args.max_tokens, min_turns=args.min_turns,
+        sessions=args.sessions, max_turns=args.max_turns, max_tokens=default_max_tokens(args.trace, args.max_tokens),
+        min_turns=args.min_turns,
         sps=args.sps, seed=args.seed, k=args.k, tokenizer=args.tokenizer,
         swe_drop_observations=args.swe_drop_observations, swe_arrivals=args.swe_arrivals,
     )
