@@ -10,21 +10,17 @@ through the same scheduler-shaped driver against:
   components on its Rust tree core (what a server uses by default);
 * ``sglang-python`` — the same on SGLang's Python tree core;
 * ``marconi-default`` — MarconiRadixCache (Python tree core, as every custom
-  component is) with the package defaults (follow the leader: recency with the
-  input-end state, three shadow caches in a background process);
-* ``marconi-recency`` — the leader's base order alone (``utility_form: "sum"``,
-  α = 0), no shadows;
-* ``marconi-fixed`` — the same with α = 1 and no input-end state (the FLOP-aware
-  utility, two states per request at most as before);
-* ``marconi-auto``  — α auto-tuned in a separate process, no input-end state:
-  the scheduler thread pays only the request log and a non-blocking poll, but
-  on a 2-core machine the tuner's replays share the cores with the scheduler.
+  component is) with the package defaults (value per byte, no helper process);
+* ``marconi-paper`` — ``{"variant": "paper"}``: the paper's utility with α
+  tuned by replays in a separate process; the scheduler thread pays only the
+  request log and a non-blocking poll, but on a 2-core machine the tuner's
+  replays share the cores with the scheduler.
 
 The time measured per request is the driver's whole call: match, lock,
 allocation, the checkpoint inserts, unlock and the budget eviction — the
 tree work a scheduler does per request. Two clocks: wall time, and the CPU
 time of the calling thread (``time.thread_time``: what the scheduler thread
-itself spends; work in the tuner's or the shadows' background process is not
+itself spends; work in the paper variant's tuner process is not
 in it, but on a machine with few cores that process still slows the wall
 clock). Ratios are against the baselines measured in the same run; best of
 ``--repeats`` runs each.
@@ -56,15 +52,14 @@ def request_stream(n: int, seed: int = 0):
 
 MARCONI_CONFIGS = {
     "marconi-default": {},
-    "marconi-recency": {"utility_form": "sum"},
-    "marconi-fixed": {"alpha": 1.0, "input_state": False},
-    "marconi-auto": {"alpha": "auto", "input_state": False},
+    "marconi-paper": {"variant": "paper", "tuner": "process"},
 }
 
 
 def run_one(name: str, stream, kv_budget: int, state_budget: int) -> tuple[float, float]:
     """(wall seconds, calling-thread CPU seconds) per request."""
-    from .policy import builtin_profile, parse_config
+    from .policy import builtin_profile
+    from .policy.config import parse_server_config
     from .sglang_backend.driver import CacheDriver
     from .sglang_backend.pools import build_hybrid_cache
     from .sglang_backend.tuning import build_marconi_cache
@@ -74,7 +69,7 @@ def run_one(name: str, stream, kv_budget: int, state_budget: int) -> tuple[float
         knobs = MARCONI_CONFIGS[name]
         built = build_marconi_cache(
             kv_slots=kv_slots, mamba_slots=state_budget + 4,
-            config=parse_config({**knobs, "tuner": "process"}),
+            config=parse_server_config(knobs),
             profile=builtin_profile("paper-7b"), kv_budget=kv_budget, state_budget=state_budget,
             deferred_frees=False,  # the live cache runs on SGLang's own allocator
         )
@@ -116,10 +111,10 @@ def main(argv=None) -> int:
     print(f"{args.requests} requests (mean {tokens:.0f} tokens), KV budget {args.kv_budget} tokens, "
           f"{args.state_budget} states; best of {args.repeats}")
     print(f"{'cache':<15} {'us/request':>11} {'vs sglang-rust':>15} {'vs sglang-python':>17} "
-          f"{'thread CPU us':>14} {'CPU vs rust':>12}")
+          f"{'thread CPU us':>14} {'CPU vs rust':>12} {'CPU vs python':>14}")
     for n in names:
         print(f"{n:<15} {best[n] * 1e6:>11.1f} {best[n] / best['sglang-rust']:>14.2f}x {best[n] / best['sglang-python']:>16.2f}x "
-              f"{cpu[n] * 1e6:>14.1f} {cpu[n] / cpu['sglang-rust']:>11.2f}x")
+              f"{cpu[n] * 1e6:>14.1f} {cpu[n] / cpu['sglang-rust']:>11.2f}x {cpu[n] / cpu['sglang-python']:>13.2f}x")
     return 0
 
 

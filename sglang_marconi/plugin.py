@@ -19,11 +19,11 @@ def validate_server_args(server_args) -> None:
     """Raise SystemExit with one line if the Marconi knobs are invalid."""
     if getattr(server_args, "radix_cache_backend", None) != BACKEND_NAME:
         return
-    from .policy.config import MarconiConfigError, parse_config
+    from .policy.config import MarconiConfigError, parse_server_config
     from .sglang_backend.factory import resolve_profile
 
     try:
-        config = parse_config(getattr(server_args, "radix_eviction_policy_config", None))
+        config = parse_server_config(getattr(server_args, "radix_eviction_policy_config", None))
         if config.profile:
             resolve_profile(config.profile)
         policy = getattr(server_args, "radix_eviction_policy", "lru")

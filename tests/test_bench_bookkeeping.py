@@ -12,8 +12,8 @@ def test_bench_prints_every_cache_with_wall_and_thread_cpu(capsys):
     rows = {line.split()[0]: line.split()[1:] for line in out[2:]}
     assert set(rows) == {"sglang-rust", "sglang-python", *bench.MARCONI_CONFIGS}
     for name, cols in rows.items():
-        wall, r_rust, r_py, cpu, c_rust = cols
+        wall, r_rust, r_py, cpu, c_rust, c_py = cols
         assert float(wall) > 0 and float(cpu) > 0, name
         assert re.fullmatch(r"\d+\.\d\dx", r_rust) and re.fullmatch(r"\d+\.\d\dx", c_rust), name
     assert rows["sglang-rust"][1] == "1.00x" and rows["sglang-rust"][4] == "1.00x"
-    assert rows["sglang-python"][2] == "1.00x"
+    assert rows["sglang-python"][2] == "1.00x" and rows["sglang-python"][5] == "1.00x"

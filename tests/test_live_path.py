@@ -134,19 +134,6 @@ def test_finished_request_feeds_the_tuner(make_marconi):
     assert tuner._log[-1][0] == tuple(range(30))
 
 
-def test_finished_request_feeds_the_leaders_shadows(make_marconi):
-    """SGLang's own finish path replays the request into both shadow caches."""
-    from sglang.test.mem_cache_utils import finish_req
-
-    built, _ = make_marconi(kv_slots=512, mamba_slots=8, utility_form="leader")
-    st = built.cache.marconi
-    req = _req(built, "r1", list(range(30)))
-    finish_req(built.cache, req, 30)
-    assert st.leader.observed == 1
-    for drv in st.shadows._inline.drivers.values():  # each shadow now holds the request
-        assert drv.tree_kv_tokens() > 0 and drv.tree_states() >= 1
-
-
 @pytest.mark.parametrize("input_state", [True, False, "auto", "auto-single"])
 def test_input_end_checkpoint_on_the_scheduler_path(make_marconi, input_state):
     """``input_state``: with no branch point, the checkpoint SGLang takes when the

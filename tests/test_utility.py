@@ -299,30 +299,22 @@ def test_marconi_admission_policy_composes_branch_point_and_plan():
 def test_parse_config_defaults():
     cfg = parse_config(None)
     assert cfg == MarconiConfig()
-    # the default (issue 6): recency ranks evictions (α = 0, no tuner), and the
-    # input's end is checkpointed when a request creates no branch point
-    assert cfg.alpha == 0.0 and not cfg.auto_alpha and cfg.tombstones_first
-    # ... on with SGLang's two pools, off under one byte budget (round 10); explicit values hold in both
+    # the default (issue 23): value per byte (GreedyDual-Size-Frequency) in the state pool and the
+    # single byte budget's queue, SGLang's recency in the two pools' KV pool; no α, no tuner
+    assert cfg.utility_form == "value" and cfg.alpha == 0.0 and not cfg.auto_alpha
+    assert (cfg.value_bytes, cfg.value_flops, cfg.value_kv_pool, cfg.value_frequency) == (
+        "exclusive", "replay", "recency", True)
+    # the input's end is checkpointed when a request creates no branch point, with two pools only
     assert cfg.input_state == "auto" and cfg.input_state_on(single_budget=False) and not cfg.input_state_on(single_budget=True)
     assert parse_config({"input_state": True}).input_state_on(True) and not parse_config({"input_state": False}).input_state_on(False)
-    assert cfg.refresh == cfg.kv_refresh == "deepest" and cfg.utility_form == "leader"
-    assert (cfg.leader_horizon, cfg.leader_margin, cfg.leader_guard, cfg.leader_hold) == (400.0, 0.2, 0.05, 200)
-    assert cfg.leader_guard_grace == 200  # the guard waits as long as a lead had to hold
-    assert cfg.leader_density_reuse and not cfg.density_reuse  # the reuse classes: the leader's third order
-    assert cfg.tombstones_spare_branches  # a branch state not hit yet is not a tombstone-first candidate
-    assert cfg.tombstones_spare_fork_hits == "two_pools"  # ... nor, in the state pool, a state that served a fork (round 14)
-    # the path a request branched away from (sharing at least a quarter of it past the
-    # nearest shared prompt's fork, and one 64-token block) goes first (round 12)
-    assert cfg.superseded_first and cfg.superseded_min_shared == 0.25 and cfg.superseded_share_from == "fork"
-    assert cfg.ended_first and cfg.end_tail_tokens == 4 and cfg.end_max_continue == 0.1
-    assert cfg.end_labels == "sequence" and cfg.ended_in_density
-    # ... and under one byte budget the single queue applies those two marks and tombstones-first (round 13)
-    assert cfg.single_budget_marks == "all" and parse_config({"variant": "paper"}).single_budget_marks == "off"
+    assert cfg.refresh == cfg.kv_refresh == "deepest"
+    # the recency order's marks are experiments now, off by default
+    assert not (cfg.tombstones_first or cfg.superseded_first or cfg.ended_first)
     assert not parse_config({"variant": "paper"}).ended_first
     assert parse_config({"superseded_min_shared": 0}).superseded_min_shared == 0.0
     # α other than 0 selects the α utility unless the form is given
     assert parse_config({"alpha": "auto"}).utility_form == parse_config({"alpha": 1}).utility_form == "sum"
-    assert parse_config({"alpha": 0}).utility_form == "leader"
+    assert parse_config({"alpha": 0}).utility_form == "value"
     assert parse_config({"alpha": 1, "utility_form": "product"}).utility_form == "product"
     assert cfg.alpha_grid == DEFAULT_ALPHA_GRID == (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     assert cfg.warm_start and cfg.confirm and cfg.retune
@@ -432,17 +424,11 @@ def test_parse_config_valid_json_and_roundtrip():
         ({"recency": "log"}, "recency"),
         ({"score_windows": 0}, "score_windows"),
         ({"efficiency_horizon": 0}, "efficiency_horizon"),
-        ({"leader_horizon": 0.5}, "leader_horizon"),
-        ({"leader_margin": -0.1}, "leader_margin"),
-        ({"leader_guard": 1.0}, "leader_guard"),
-        ({"leader_guard": "x"}, "leader_guard"),
-        ({"leader_hold": -1}, "leader_hold"),
-        ({"leader_hold": 1.5}, "leader_hold"),
-        ({"leader_guard_grace": -1}, "leader_guard_grace"),
-        ({"leader_guard_grace": "200"}, "leader_guard_grace"),
-        ({"utility_form": "leaders"}, "utility_form"),
+        ({"utility_form": "leader"}, "utility_form"),
+        ({"value_bytes": "path"}, "value_bytes"),
+        ({"value_kv_pool": "lru"}, "value_kv_pool"),
+        ({"value_frequency": 1}, "value_frequency"),
         ({"density_reuse": "yes"}, "density_reuse"),
-        ({"leader_density_reuse": 1}, "leader_density_reuse"),
         ({"tombstones_spare_branches": "no"}, "tombstones_spare_branches"),
         ({"superseded_first": "on"}, "superseded_first"),
         ({"ended_first": "yes"}, "ended_first"),
@@ -521,3 +507,43 @@ def test_efficiency_horizon_decays_the_bonus_with_age():
     assert EvictionQueue(list(cands), 4.0, 100.0).pop().key == "new-cheap"  # the paper: efficiency wins
     assert EvictionQueue(list(cands), 4.0, 100.0, horizon=10.0).pop().key == "old-efficient"  # e^-10 of the bonus
     assert EvictionQueue(list(cands), 4.0, 100.0, horizon=1e6).pop().key == "new-cheap"
+
+
+# ------------------------------------------------------------ the server's keys
+
+
+def test_server_config_takes_at_most_eight_documented_keys():
+    from sglang_marconi.policy.config import SERVER_KEYS, parse_server_config
+
+    assert len(SERVER_KEYS) <= 8
+    assert parse_server_config(None) == MarconiConfig()
+    assert parse_server_config("") == MarconiConfig()
+    paper = parse_server_config('{"variant": "paper", "alpha": 0.5, "tuner": "inline"}')
+    assert paper.variant == "paper" and paper.alpha == 0.5 and paper.utility_form == "sum" and paper.tuner == "inline"
+    assert parse_server_config({"variant": "paper"}).auto_alpha
+    cfg = parse_server_config({"branch_points": "grid", "single_budget_gb": 2, "profile": "qwen3.5-9b"})
+    assert (cfg.branch_points, cfg.single_budget_gb, cfg.profile) == ("grid", 2.0, "qwen3.5-9b")
+
+
+@pytest.mark.parametrize(
+    "raw, says",
+    [
+        ({"utility_form": "sum"}, "key 'utility_form' was removed: the default ranks every candidate by value per byte"),
+        ({"leader_margin": 0.2}, "key 'leader_margin' was removed: follow-the-leader"),
+        ({"window_multiplier": 5}, "key 'window_multiplier' was removed: the α tuner runs with the paper's settings"),
+        ({"tombstones_first": True}, "replay variants (sglang_marconi/replay/variants.py)"),
+        ({"alpah": 1}, "unknown key 'alpah' (known keys: variant, profile, branch_points"),
+        ({"alpha": 1}, "alpha=1 weighs the paper's utility"),
+        ({"tuner": "thread"}, "tuner='thread' places the paper's α tuner"),
+        ({"variant": "papers"}, "variant='papers' must be one of marconi, paper"),
+        ("[1]", "expected a JSON object, got list"),
+        ("{", "not valid JSON"),
+    ],
+)
+def test_server_config_errors_are_one_line_and_say_what_replaced_a_key(raw, says):
+    from sglang_marconi.policy.config import parse_server_config
+
+    with pytest.raises(MarconiConfigError) as e:
+        parse_server_config(raw)
+    msg = str(e.value)
+    assert says in msg and "\n" not in msg and msg.startswith("marconi config: ")

@@ -280,10 +280,6 @@ def _print_metrics(srv) -> None:
         print("marconi metrics:")
         for ln in lines:
             print("  " + ln)
-        if any(ln.startswith("marconi_leader_replayed") for ln in lines):
-            print("  (marconi_leader_replayed: requests the default's shadow caches have replayed in their background"
-                  " process; results land on later requests, so it lags a short run — tests/test_live_marconi.py"
-                  " waits for it)")
 
 
 def main(argv=None) -> int:

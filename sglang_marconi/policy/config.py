@@ -36,7 +36,7 @@ REFRESH_MODES = ("deepest", "path")
 STATE_CANDIDATES = ("narrow", "all")
 REPLAY_STARTS = ("warmup", "snapshot")
 RECENCY_KINDS = ("inverse", "linear")
-UTILITY_FORMS = ("sum", "product", "density", "leader")
+UTILITY_FORMS = ("value", "sum", "product", "density")
 DENSITY_VALUES = ("flops", "tokens")
 DENSITY_RANKS = ("dead_first", "full")
 END_LABELS = ("cache", "sequence")
@@ -61,17 +61,20 @@ _CHOICES = {
     "tombstones_spare_fork_hits": SPARE_FORK_MODES,
     "superseded_share_from": SHARE_FROM,
     "tuner": TUNER_MODES,
+    "value_bytes": ("own", "exclusive"),
+    "value_flops": ("replay", "root"),
+    "value_kv_pool": ("value", "recency"),
 }
 _BOOLS = ("retune", "warm_start", "confirm", "tombstones_first", "density_reuse",
-          "leader_density_reuse", "tombstones_spare_branches", "superseded_first", "superseded_needs_state",
-          "ended_first", "ended_in_density")
+          "tombstones_spare_branches", "superseded_first", "superseded_needs_state",
+          "ended_first", "ended_in_density", "value_frequency")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
-         "leader_hold": 0, "leader_guard_grace": 0, "end_tail_tokens": 1}
+         "end_tail_tokens": 1}
 #: Keys that take null or a number (with its minimum).
 _OPTIONAL_NUMBERS = {"alpha_max": 0.0, "efficiency_horizon": 1e-9, "single_budget_gb": 1e-9}
 #: Keys that take a number (with its minimum).
-_NUMBERS = {"switch_margin": 0.0, "leader_horizon": 1.0, "leader_margin": 0.0}
+_NUMBERS = {"switch_margin": 0.0}
 
 
 class MarconiConfigError(ValueError):
@@ -80,11 +83,8 @@ class MarconiConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MarconiConfig:
-    #: Weight of FLOP efficiency against recency; ``None`` = tuned online ("auto").
-    #: Default 0: recency (deepest-node refresh), the leader's base order (with
-    #: ``input_state`` and ``tombstones_first``: never below LRU across trace x
-    #: budget x arrival seed, BENCHMARKS.md issue 6); read only by the sum and
-    #: product forms.
+    #: Weight of FLOP efficiency against recency in the paper's utility (the sum
+    #: and product forms); ``None`` = tuned online ("auto", the paper's tuner).
     alpha: Optional[float] = 0.0
     #: Tuning window = window_multiplier x (requests seen before the first eviction).
     window_multiplier: int = 5
@@ -92,30 +92,26 @@ class MarconiConfig:
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
     #: Largest α the tuner may try (None: unbounded; the grid's top doubles when it wins).
     alpha_max: Optional[float] = None
-    #: How nodes are ranked for eviction: "sum" (the paper: norm(recency) +
-    #: α·norm(efficiency)), "product" (norm(recency)·(1 + α·norm(efficiency))),
-    #: "density" (hit density learned from the cache's own hits and
-    #: evictions × value per byte; no α, no tuner: ``policy/hit_density.py``),
-    #: or "leader" (recency or a density order, whichever shadow cache shows
-    #: saving more lately: ``policy/leader.py``).
-    #: Default "leader" (issue 6, round 4). A config that sets ``alpha`` to
-    #: anything but 0 without ``utility_form`` gets "sum" (α is read by the sum
-    #: and product forms only).
-    utility_form: str = "leader"
-    #: ``leader``: the scores decay over this many requests ...
-    leader_horizon: float = 400.0
-    #: ... an order takes over when its shadow leads by this fraction ...
-    leader_margin: float = 0.2
-    #: ... and density hands back to recency when the live cache falls this
-    #: fraction below recency's shadow.
-    leader_guard: float = 0.05
-    #: ``leader``: requests density's lead must hold, in a row, before it takes over.
-    leader_hold: int = 200
-    #: ``leader``: requests after a takeover before the guard (``leader_guard``) applies.
-    leader_guard_grace: int = 200
-    #: ``leader``: a third order, hit density with the reuse classes
-    #: (``density_reuse``), in its own shadow cache.
-    leader_density_reuse: bool = True
+    #: How nodes are ranked for eviction. "value" (the default): expected
+    #: value per byte, GreedyDual-Size-Frequency (docs/policy.md): priority =
+    #: the pool's inflation value when the node was last used + hit frequency ×
+    #: FLOPs a hit saves / bytes its eviction frees; the lowest goes, and the
+    #: pool's inflation value rises to it. Experiments (replay variants):
+    #: "sum" (the paper: norm(recency) + α·norm(efficiency)), "product"
+    #: (norm(recency)·(1 + α·norm(efficiency))), "density" (hit density learned
+    #: from the cache's own hits and evictions × value per byte:
+    #: ``policy/hit_density.py``). A config that sets ``alpha`` without
+    #: ``utility_form`` gets "sum" (α is read by the sum and product forms only).
+    utility_form: str = "value"
+    #: ``value``: bytes an eviction frees: the node's own KV ("own") or the KV of
+    #: its exclusive path (up to the nearest ancestor another sequence shares)
+    value_bytes: str = "exclusive"
+    #: ``value``: FLOPs a hit saves: from the nearest ancestor state ("replay") or the root
+    value_flops: str = "replay"
+    #: ``value``: the KV pool (two pools) ranks leaves by value too, or by "recency"
+    value_kv_pool: str = "recency"
+    #: ``value``: hits count (GDSF) or every candidate with evidence counts once (GDS)
+    value_frequency: bool = True
     #: ``density``: how the learned density ranks candidates. "full": by
     #: density × value per byte (LHD's rank); "dead_first": states it predicts
     #: are never hit again (density 0: no state of their class was hit at their
@@ -186,7 +182,7 @@ class MarconiConfig:
     #: State pool, α fixed at 0: evict states of internal nodes (tombstones: the
     #: KV stays, a longer sequence already runs past them) before any leaf's
     #: state, each group by recency.
-    tombstones_first: bool = True
+    tombstones_first: bool = False
     #: ... except a branch point's state not hit since it was admitted (it stays
     #: in the recency order with the leaves).
     tombstones_spare_branches: bool = True
@@ -204,7 +200,7 @@ class MarconiConfig:
     #: last answer), the path it left is superseded: its leaves' KV and its
     #: states go before every other candidate (each group by recency). A hit
     #: on it, or a request extending it, makes it ordinary again.
-    superseded_first: bool = True
+    superseded_first: bool = False
     #: ... counted as a revision only when the request shares at least this
     #: fraction of the sequence it diverges from (counted as
     #: ``superseded_share_from`` says; a short common prefix, such as a system
@@ -229,7 +225,7 @@ class MarconiConfig:
     #: sequence — its leaf and the unbranched path above it — to go first, as
     #: ``superseded_first`` does. A hit on it, or a request extending it, makes
     #: it ordinary again and teaches the predictor that the ending continues.
-    ended_first: bool = True
+    ended_first: bool = False
     #: ... the ending is the last this many output tokens
     end_tail_tokens: int = 4
     #: ... and counts as final when P(continued) (posterior mean, uniform
@@ -366,10 +362,6 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
             out[key] = value
         elif key in _NUMBERS:
             out[key] = _number(key, value, minimum=_NUMBERS[key])
-        elif key == "leader_guard":
-            out[key] = _number(key, value)
-            if out[key] >= 1.0:
-                raise _err(key, value, "must be in [0, 1)")
         elif key == "superseded_min_shared":
             out[key] = _number(key, value)
             if out[key] > 1.0:
@@ -392,3 +384,57 @@ def parse_config(raw: Union[None, str, Mapping[str, Any], MarconiConfig]) -> Mar
     if "alpha" in out and out["alpha"] != 0.0:  # α weighs the sum/product utility
         out.setdefault("utility_form", "sum")
     return MarconiConfig(**out)
+
+
+# ------------------------------------------------------------- the server's keys
+#: What ``--radix-eviction-policy-config`` takes (docs/configuration.md). Every
+#: other field of :class:`MarconiConfig` is an experiment: the replay's named
+#: variants (``replay/variants.py``) set them, the server does not parse them.
+SERVER_KEYS = ("variant", "profile", "branch_points", "single_budget_gb", "alpha", "tuner")
+
+_ORDER_KEYS = ("utility_form", "recency", "efficiency_horizon", "refresh", "kv_refresh", "state_candidates",
+               "input_state", "density_rank", "density_value", "density_reuse", "density_period", "density_decay",
+               "tombstones_first", "tombstones_spare_branches", "tombstones_spare_fork_hits", "superseded_first",
+               "superseded_min_shared", "superseded_needs_state", "superseded_share_from", "ended_first",
+               "end_tail_tokens", "end_max_continue", "end_labels", "ended_in_density", "single_budget_marks",
+               "value_bytes", "value_flops", "value_kv_pool", "value_frequency")
+_TUNER_KEYS = ("window_multiplier", "alpha_grid", "alpha_max", "retune", "warm_start", "confirm", "switch_margin",
+               "score_decay", "replay_start", "score_windows", "warmup_windows", "tuner_max_requests")
+_LEADER_KEYS = ("leader_horizon", "leader_margin", "leader_guard", "leader_hold", "leader_guard_grace",
+                "leader_density_reuse")
+#: removed server key -> what replaced it (the one-line error says it)
+REPLACED_KEYS = {
+    **{k: "the default ranks every candidate by value per byte with one rule and no knobs (docs/policy.md); "
+          "eviction experiments are replay variants (sglang_marconi/replay/variants.py)" for k in _ORDER_KEYS},
+    **{k: "the α tuner runs with the paper's settings under {\"variant\": \"paper\"} (docs/policy.md); "
+          "tuner experiments are replay variants (sglang_marconi/replay/variants.py)" for k in _TUNER_KEYS},
+    **{k: "follow-the-leader and its shadow caches were replaced by the value-per-byte rule (docs/policy.md)"
+       for k in _LEADER_KEYS},
+}
+
+
+def parse_server_config(raw: Union[None, str, Mapping[str, Any]]) -> MarconiConfig:
+    """The server's ``--radix-eviction-policy-config``: only :data:`SERVER_KEYS`;
+    a removed key's error says what replaced it, an unknown one lists the keys."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError as e:
+            raise MarconiConfigError(f"marconi config: not valid JSON ({e.msg} at char {e.pos}): {raw!r}") from None
+    if raw is not None and not isinstance(raw, Mapping):
+        raise MarconiConfigError(f"marconi config: expected a JSON object, got {type(raw).__name__} {raw!r}")
+    for key in raw or {}:
+        if key in REPLACED_KEYS:
+            raise MarconiConfigError(f"marconi config: key {key!r} was removed: {REPLACED_KEYS[key]}")
+        if key not in SERVER_KEYS:
+            raise MarconiConfigError(
+                f"marconi config: unknown key {key!r} (known keys: {', '.join(SERVER_KEYS)})")
+    if raw and "alpha" in raw and raw.get("variant") != "paper":
+        raise MarconiConfigError(
+            f"marconi config: alpha={raw['alpha']!r} weighs the paper's utility: use it with "
+            '{"variant": "paper"} (the default has no α)')
+    if raw and "tuner" in raw and raw.get("variant") != "paper":
+        raise MarconiConfigError(
+            f"marconi config: tuner={raw['tuner']!r} places the paper's α tuner: use it with "
+            '{"variant": "paper"} (the default runs no tuner)')
+    return parse_config(raw)

@@ -35,6 +35,7 @@ from typing import Any, Hashable, Iterable, Optional
 from .hit_density import HitDensity
 
 
+
 @dataclass
 class Candidate:
     """One evictable entry as the policy sees it (no tensors, no tree)."""
@@ -50,6 +51,10 @@ class Candidate:
     #: Predicted dead (a conversation's likely last sequence): the density form
     #: ranks it before every candidate it has a density for (ties by age).
     dead: bool = False
+    #: ``utility_form="value"``: the inflation value the node was last stamped
+    #: with and its hit frequency (``MarconiState.candidate`` fills both).
+    base: float = 0.0
+    freq: float = 1.0
 
     @property
     def efficiency(self) -> float:
@@ -152,6 +157,8 @@ class EvictionQueue:
         return score
 
     def _score(self, r: float, e: float, c: Candidate) -> float:
+        if self.form == "value":
+            return c.base + c.freq * e
         if self.form == "density":
             return self._density_score(c)
         alpha = self.alpha
@@ -160,6 +167,8 @@ class EvictionQueue:
         return utility(r, e, alpha, self.bounds, self.form)
 
     def score(self, c: Candidate) -> float:
+        if self.form == "value":
+            return self._score(0.0, c.efficiency, c)
         if self.form == "density":
             return self._density_score(c)
         if self.bounds is None:

@@ -36,15 +36,13 @@ import dataclasses
 import math
 from typing import Any, Optional
 
+from .variants import LRU_CONFIG, VARIANTS
+
 POLICIES = ("marconi", "sglang", "lru", "vllm", "infinite")
 MARCONI_BASED = ("marconi", "lru", "vllm", "infinite")
 KV_MARGIN = 64  # spare KV slots beyond budget + longest request
 STATE_HEADROOM = 4  # spare state slots: Marconi/SGLang admit <= 2 states per request
 MARCONI_DEFAULT_CONFIG = {"tuner": "inline"}  # the package defaults; replays tune inline (deterministic)
-#: whole-path LRU for KV and states, Marconi's admission without the input-end state
-LRU_CONFIG = {"alpha": 0.0, "utility_form": "sum", "refresh": "path", "kv_refresh": "path", "input_state": False,
-              "tombstones_first": False, "superseded_first": False,
-              "ended_first": False}
 
 
 class PolicyError(ValueError):
@@ -103,7 +101,9 @@ class PolicyOptions:
     live_ceiling_every: int = 0
 
     def variant(self, name: str) -> Optional[dict]:
-        return dict(self.variants).get(name)
+        """``--variant NAME=JSON``'s overrides, else the named experiment (``variants.VARIANTS``)."""
+        given = dict(self.variants)
+        return given[name] if name in given else VARIANTS.get(name)
 
 
 @dataclasses.dataclass
@@ -138,14 +138,15 @@ def build_policy(name: str, profile, budget: Optional[Budget], shape: TraceShape
     if name.startswith("marconi:"):
         variant_cfg = opts.variant(name.partition(":")[2])
         if variant_cfg is None:
-            raise PolicyError(f"unknown policy {name!r}: no --variant {name.partition(':')[2]}=JSON given")
+            raise PolicyError(f"unknown policy {name!r}: no --variant {name.partition(':')[2]}=JSON given "
+                              f"and no named variant (known: {', '.join(VARIANTS)})")
     elif name not in POLICIES:
         raise PolicyError(f"unknown policy {name!r} (known: {', '.join(POLICIES)}, marconi:NAME with --variant)")
     info: dict = {}
     if name == "infinite":
         kv_slots = shape.stream_tokens + KV_MARGIN
         mamba_slots = shape.requests + STATE_HEADROOM
-        # nothing is ever evicted, so the eviction order is moot: plain recency, no leader shadows
+        # nothing is ever evicted, so the eviction order is moot: plain recency
         built = _marconi(kv_slots, mamba_slots, {"alpha": 0.0, "utility_form": "sum", "tuner": "inline"}, profile,
                          None, None, None)
         drv = CacheDriver(built, admission=OracleAdmission())

@@ -432,7 +432,9 @@ def _variants(specs: Sequence[str]) -> tuple:
 
 def _policies(spec: str, variants: tuple = ()) -> list[str]:
     out = []
-    names = {f"marconi:{n}" for n, _ in variants}
+    from .variants import VARIANTS
+
+    names = {f"marconi:{n}" for n, _ in variants} | {f"marconi:{n}" for n in VARIANTS}
     for p in (x.strip() for x in spec.split(",")):
         if not p:
             continue

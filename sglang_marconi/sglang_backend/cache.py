@@ -52,19 +52,13 @@ class MarconiRadixCache(UnifiedRadixCache):
             tree_core_backend="python",
         )
         tuner = None
-        if config.auto_alpha and config.utility_form not in ("density", "leader"):
+        if config.auto_alpha and config.utility_form in ("sum", "product"):
             from .tuning import replay_alphas
 
             tuner = AlphaTuner(config, replay_alphas, tuner_spec)
         self.marconi = MarconiState(config, profile, tuner)
         super().__init__(params)
         self.marconi.root = self.tree_core.root_node
-        if config.utility_form == "leader":
-            if tuner_spec is None:
-                raise ValueError("marconi config: utility_form 'leader' needs the cache's shape for its shadow caches")
-            from .shadow import ShadowRunner
-
-            self.marconi.shadows = ShadowRunner(tuner_spec)
         if tuner is not None and config.replay_start == "snapshot":
             tuner.snapshot_fn = self.export_tree
 
@@ -144,9 +138,11 @@ class MarconiRadixCache(UnifiedRadixCache):
                     continue
                 cands.append(st.single_budget_candidate(node, frees_kv=node in leaves))
             queue = st.eviction_queue(cands)
+            score = queue.peek_score()
             victim = queue.pop()
             if victim is None:
                 break
+            st.inflate("state", score)
             node = victim.key
             if node.component_data[ComponentType.MAMBA].value is not None:
                 st.state_evicted(node)

@@ -89,7 +89,7 @@ class MarconiMambaComponent(MambaComponent):
         super().commit_insert_component_data(node, is_new_leaf, params, result, cache_actions)
         st.stamp(node)
         if not result.mamba_exist:
-            node.marconi_hits = 0  # a new state: never hit yet
+            node.marconi_hits = node.marconi_ihits = 0  # a new state: never hit yet
             reason = getattr(params, "marconi_reason", None)
             node.marconi_branch = reason is AdmissionReason.BRANCH_POINT
             if node.marconi_branch:
@@ -155,6 +155,8 @@ class MarconiMambaComponent(MambaComponent):
         super().redistribute_on_node_split(new_parent, child)
         new_parent.marconi_t = getattr(child, "marconi_t", 0.0)
         new_parent.marconi_kv_t = getattr(child, "marconi_kv_t", 0.0)
+        new_parent.marconi_L = getattr(child, "marconi_L", 0.0)
+        new_parent.marconi_kv_L = getattr(child, "marconi_kv_L", 0.0)
         new_parent.marconi_superseded = getattr(child, "marconi_superseded", False)
 
     # -- eviction -------------------------------------------------------------
@@ -199,6 +201,7 @@ class MarconiMambaComponent(MambaComponent):
             cd = x.component_data[ct]
             if cd.value is None or cd.lock_ref > 0 or x.parent is None:
                 continue  # stale: cascaded away, or locked since the snapshot
+            st.inflate("state", score)
             st.state_evicted(x)
             if x in leaves:
                 st.counters.leaf_evictions += 1
@@ -257,6 +260,7 @@ class MarconiFullComponent(FullComponent):
             x = cand.key
             if x not in leaves:
                 continue
+            st.inflate("kv", score)
             st.counters.leaf_evictions += 1
             st.leaf_evicted(x)
             if x.component_data[ComponentType.MAMBA].value is not None:

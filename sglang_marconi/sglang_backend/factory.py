@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ..policy.config import MarconiConfigError, parse_config
+from ..policy.config import MarconiConfigError, parse_server_config
 from ..policy.cost_model import BUILTIN_PROFILES, CostProfile, builtin_profile, from_hf_config
 
 logger = logging.getLogger("sglang_marconi")
@@ -57,7 +57,7 @@ def marconi_factory(ctx):
             "(Marconi's utility decides eviction); pass its knobs in --radix-eviction-policy-config"
         )
     params = ctx.params
-    config = parse_config(params.eviction_policy_config)
+    config = parse_server_config(params.eviction_policy_config)
     profile = resolve_profile(config.profile, getattr(ctx.model_config, "hf_config", None))
     if params.page_size != 1 and config.branch_points == "exact":
         raise MarconiConfigError(

@@ -38,9 +38,6 @@ GAUGES = {
     "marconi_evicted_tokens": "KV tokens evicted",
     "marconi_requests_finished": "finished requests seen by the Marconi cache",
     "marconi_alpha": "current alpha (weight of FLOP efficiency against recency)",
-    "marconi_leader_density": "utility_form leader: 1 while hit density orders evictions, 0 for recency",
-    "marconi_leader_switches": "utility_form leader: changes of eviction order so far",
-    "marconi_leader_replayed": "utility_form leader: finished requests the shadow caches have replayed so far",
     "marconi_superseded_marks": "superseded_first: radix-tree nodes marked as a path a request branched away from",
     "marconi_ended_marks": "ended_first: finished requests whose sequence was marked as a conversation's likely end",
     "marconi_fork_hits": "state hits whose request diverged right at the state (a shared prompt's fork)",
@@ -56,7 +53,6 @@ _KEYS = {
     "marconi_state_evictions": "state_evictions",
     "marconi_leaf_evictions": "leaf_evictions",
     "marconi_evicted_tokens": "evicted_tokens",
-    "marconi_leader_switches": "leader_switches",
     "marconi_superseded_marks": "superseded_marks",
     "marconi_ended_marks": "ended_marks",
     "marconi_fork_hits": "fork_hits",
@@ -70,16 +66,15 @@ def snapshot(cache) -> Dict[str, float]:
     out = {name: float(c[key]) for name, key in _KEYS.items()}
     out["marconi_requests_finished"] = float(getattr(cache, "marconi_requests_finished", 0))
     out["marconi_alpha"] = float(st.alpha)
-    out["marconi_leader_density"] = float(st.queue_form == "density" and st.leader is not None)
-    out["marconi_leader_replayed"] = float(st.leader.observed if st.leader is not None else 0)
     return out
 
 
-def log_line(values: Dict[str, float]) -> str:
+def log_line(values: Dict[str, float], order: str) -> str:
+    """One INFO line; ``order``: the eviction order (the cache's utility form)."""
     return (
         "marconi: requests=%d matches=%d state_hits=%d hit_tokens=%d branch_checkpoints=%d "
         "last_token_checkpoints=%d input_end_checkpoints=%d state_evictions=%d leaf_evictions=%d evicted_tokens=%d alpha=%.3f "
-        "order=%s leader_switches=%d"
+        "order=%s"
         % (
             values["marconi_requests_finished"],
             values["marconi_matches"],
@@ -92,8 +87,7 @@ def log_line(values: Dict[str, float]) -> str:
             values["marconi_leaf_evictions"],
             values["marconi_evicted_tokens"],
             values["marconi_alpha"],
-            "density" if values["marconi_leader_density"] else "recency",
-            values["marconi_leader_switches"],
+            order,
         )
     )
 
@@ -125,7 +119,7 @@ class MarconiMetrics:
                 (g.labels(**self.labels) if self.labels else g).set(values[n])
         n = int(values["marconi_requests_finished"])
         if finished and self.log_every > 0 and n % self.log_every == 0:
-            logger.info(log_line(values))
+            logger.info(log_line(values, cache.marconi.queue_form))
 
 
 def attach(cache, server_args=None) -> MarconiMetrics:

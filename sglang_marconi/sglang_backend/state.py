@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from ..policy.admission import AdmissionReason
 from ..policy.config import MarconiConfig
 from ..policy.hit_density import HitDensity, state_class
-from ..policy.leader import DENSITY, DENSITY_REUSE, RECENCY, LeaderSelector
 from ..policy.session_end import EndPredictor
 from ..policy.tuner import AlphaTuner
 from ..policy.utility import Candidate, EvictionQueue
@@ -37,6 +36,7 @@ if TYPE_CHECKING:
     from ..policy.cost_model import CostProfile
 
 logger = logging.getLogger("sglang_marconi")
+
 
 MAMBA = None  # ComponentType.MAMBA, bound lazily (keeps this module importable early)
 
@@ -61,7 +61,6 @@ class MarconiCounters:
     state_evictions: int = 0  # SSM states freed (tombstoned or with their leaf)
     leaf_evictions: int = 0  # nodes deleted (their KV freed)
     evicted_tokens: int = 0
-    leader_switches: int = 0  # utility_form "leader": changes of eviction order
     superseded_marks: int = 0  # superseded_first: nodes marked as left behind by a branch
     ended_marks: int = 0  # ended_first: finished requests whose sequence was marked as a conversation's end
     fork_hits: int = 0  # state hits whose request diverged right at the state from its node's children
@@ -78,7 +77,6 @@ class MarconiCounters:
             "state_evictions": self.state_evictions,
             "leaf_evictions": self.leaf_evictions,
             "evicted_tokens": self.evicted_tokens,
-            "leader_switches": self.leader_switches,
             "superseded_marks": self.superseded_marks,
             "ended_marks": self.ended_marks,
             "fork_hits": self.fork_hits,
@@ -156,36 +154,20 @@ class MarconiState:
         self._last_ended = None  # (node, ending) of the finished request being inserted
         #: the utility form eviction queues are built with
         self.queue_form = config.utility_form
+        #: ``value`` (GreedyDual-Size-Frequency): each pool's inflation value L,
+        #: raised to the priority of every entry it evicts; an access stamps the
+        #: node with the current L of each pool ("state" also serves the single
+        #: byte budget's queue)
+        self.inflation = {"state": 0.0, "kv": 0.0}
         self.hit_density: Optional[HitDensity] = None
-        #: classes split by "hit before" (``density_reuse``; the leader sets it per order)
+        #: classes split by "hit before" (``density_reuse``)
         self.density_reuse = config.density_reuse
-        if config.utility_form in ("density", "leader"):
+        if config.utility_form == "density":
             self.hit_density = HitDensity(config.density_period, config.density_decay)
-        #: ``leader``: which order evicts, decided from the shadow caches
-        #: (``shadows``: a :class:`~sglang_marconi.sglang_backend.shadow.ShadowRunner`, set by the cache)
-        self.leader: Optional[LeaderSelector] = None
-        self.shadows = None
-        self._live_hits_seen = 0
         #: measurement only (the replay's ``--end-oracle``): set before each
         #: request to whether it is its conversation's last; :meth:`request_ended`
         #: then marks by it instead of by the predictor. None: the predictor.
         self.ending_oracle: Optional[bool] = None
-        if config.utility_form == "leader":
-            self.leader = LeaderSelector(config.leader_horizon, config.leader_margin, config.leader_guard,
-                                         config.leader_hold,
-                                         (DENSITY, DENSITY_REUSE) if config.leader_density_reuse else (DENSITY,),
-                                         guard_grace=config.leader_guard_grace)
-            self.use_order(RECENCY)
-
-    def use_order(self, order: str) -> None:
-        """``leader``: evict by recency (as the default config does) or by a density order."""
-        recency = order == RECENCY
-        self.recency_only = recency
-        self.tombstones_first = recency and self.config.tombstones_first
-        self.superseded_first = recency and self.config.superseded_first
-        self.ended_first = recency and self.config.ended_first
-        self.queue_form = "sum" if recency else "density"
-        self.density_reuse = order == DENSITY_REUSE
 
     # -- clock and α --------------------------------------------------------
     def tick(self) -> float:
@@ -202,6 +184,24 @@ class MarconiState:
     def stamp(self, node) -> None:
         """A new or re-inserted node: both its state and its KV are fresh."""
         node.marconi_t = node.marconi_kv_t = self.clock
+        node.marconi_L, node.marconi_kv_L = self.inflation["state"], self.inflation["kv"]
+
+    def inflate(self, pool: str, score) -> None:
+        """``value``: ``pool`` ("state", "kv") evicted an entry of priority ``score``."""
+        if score is not None and score > self.inflation[pool]:
+            self.inflation[pool] = score
+
+    @staticmethod
+    def frequency(node) -> float:
+        """``value``: hits that predict the next one. A leaf: 1 (its admission) +
+        its hits. An internal node: only the hits it got while internal (a
+        request that resumed there and went another way than every cached
+        continuation), + 1 if it was admitted as a branch point (a request
+        diverged there: a hit, had the state existed); the hits it got as a leaf
+        were continuations, which its child's state now serves."""
+        if node.children:
+            return getattr(node, "marconi_ihits", 0) + (1 if getattr(node, "marconi_branch", False) else 0)
+        return 1 + getattr(node, "marconi_hits", 0) - getattr(node, "marconi_ihits", 0)
 
     def stamp_hit(self, node, root) -> None:
         """A hit on ``node`` (the deepest matched state), per the refresh knobs."""
@@ -209,8 +209,11 @@ class MarconiState:
         if self.hit_density is not None:
             self.hit_density.record(self.state_class(node), t - getattr(node, "marconi_t", 0.0), hit=True)
         node.marconi_hits = getattr(node, "marconi_hits", 0) + 1
+        if node.children:
+            node.marconi_ihits = getattr(node, "marconi_ihits", 0) + 1
         self.revive(node)
         node.marconi_t = node.marconi_kv_t = t
+        node.marconi_L, node.marconi_kv_L = self.inflation["state"], self.inflation["kv"]
         state_path = self.config.refresh == "path"
         kv_path = self.config.kv_refresh == "path"
         if state_path or kv_path:
@@ -276,10 +279,17 @@ class MarconiState:
         start = end - own
         has_state = node.component_data[ct].value is not None
         paper = self.config.variant == "paper"
-        replay_from = start if paper else self.replay_from(node)
+        replay_from = start if paper else (0 if self.config.value_flops == "root" else self.replay_from(node))
         # The cost terms change only when the node's start, its replay origin,
         # its state or the kind of eviction change: memoize them on the node.
-        memo_key = (start, replay_from, has_state, frees_kv)
+        excl = own
+        if frees_kv and self.config.value_bytes == "exclusive":
+            cur = node.parent
+            while (cur is not None and cur.parent is not None and len(cur.children) == 1
+                   and cur.component_data[ct].value is None):
+                excl += len(cur.key)
+                cur = cur.parent
+        memo_key = (start, replay_from, has_state, frees_kv, excl)
         memo = getattr(node, "marconi_memo", None)
         if memo is not None and memo[0] == memo_key:
             _, flops, nbytes = memo
@@ -289,10 +299,17 @@ class MarconiState:
             if paper:
                 nbytes = p.kv_bytes(end) + state_bytes
             else:
-                nbytes = (p.kv_bytes(own) if frees_kv else 0) + state_bytes
+                nbytes = (p.kv_bytes(excl) if frees_kv else 0) + state_bytes
             flops = p.flops_saved(start, end, replay_from=replay_from) if has_state else 0.0
             node.marconi_memo = (memo_key, flops, nbytes)
         cand = Candidate(key=node, last_access=_stamp(node, pool), flops_saved=flops, nbytes=nbytes)
+        if self.queue_form == "value":
+            cand.base = getattr(node, "marconi_kv_L" if pool == "kv" else "marconi_L", 0.0)
+            cand.freq = self.frequency(node)
+            if not self.config.value_frequency:
+                cand.freq = min(cand.freq, 1.0)
+            if pool == "kv" and self.config.value_kv_pool == "recency":
+                cand.base, cand.freq = cand.last_access, 0.0
         if self.hit_density is not None:
             cand.cls = self.state_class(node)
             cand.tokens_saved = end - replay_from if has_state else 0
@@ -361,7 +378,7 @@ class MarconiState:
         conversation goes on, so the endings of requests that finished in the
         child's subtree were continued (``ended_first``), and that subtree is
         the part it left: marked, while ``superseded_first`` is configured,
-        whichever order evicts now (the leader may switch back to recency). A
+        whichever order evicts now. A
         request that shares only a short common prefix (another conversation
         after the same system prompt) does neither; nor does a subtree of more
         than ``SUPERSEDED_MARK_MAX`` nodes."""
@@ -563,33 +580,8 @@ class MarconiState:
             self._sequence_labels(input_ids, output_ids)
         if self.tuner is not None:
             self.tuner.on_request_finished(input_ids, output_ids)
-        if self.shadows is not None:
-            # the live cache's hits since the last finished request (its matches in between)
-            live = self.counters.hit_tokens - self._live_hits_seen
-            self._live_hits_seen = self.counters.hit_tokens
-            self.observe_shadows(self.shadows.submit(input_ids, output_ids, live))
 
     def close(self) -> None:
-        """Stop the α tuner's and the shadow caches' workers (if any)."""
+        """Stop the α tuner's worker (if any)."""
         if self.tuner is not None:
             self.tuner.close()
-        if self.shadows is not None:
-            self.shadows.close()
-
-    def drain_shadows(self, timeout: Optional[float] = None) -> None:
-        """Wait for the shadow caches' queued work and apply it (tests, end of a replay)."""
-        if self.shadows is not None:
-            self.observe_shadows(self.shadows.wait(timeout))
-
-    def observe_shadows(self, results) -> None:
-        """``leader``: the shadows' hits (and the live cache's) for finished requests, in order."""
-        for shadow_hits, live in results:
-            order = self.leader.observe(shadow_hits, live)
-            if order is not None:
-                self.counters.leader_switches += 1
-                self.use_order(order)
-                if order != RECENCY:
-                    tables = self.shadows.density_tables(order)
-                    if tables is not None:  # start from what density learned evicting by itself
-                        self.hit_density = tables
-                logger.info("marconi: eviction order -> %s after %d requests", order, self.leader.observed)
