@@ -240,7 +240,7 @@ def _fracs(raw: str) -> list:
         raise ReplayError(f"--budgets {raw!r}: expected comma-separated fractions") from None
     if not out or any(not (0 < f and math.isfinite(f)) for f in out):
         raise ReplayError(f"--budgets {raw!r}: needs fractions > 0 of the infinite tree")
-    return out
+    return list(dict.fromkeys(out))
 
 
 def run(args, console=None) -> dict:
@@ -274,13 +274,13 @@ def run(args, console=None) -> dict:
         task = ui.add_task("load traces", total=len(shapes))
         for name in shapes:
             sh = SHAPES[name]
-            tr = traces[name] = load_trace(sh.source, sh.load_options(args.half, args.quick))
+            opt = sh.load_options(args.half, args.quick)
+            tr = traces[name] = load_trace(sh.source, opt)
             # the infinite tree (KV tokens, states) does not depend on the profile: no eviction, oracle admission
             inf_run = replay_one(tr, "infinite", prof[profiles[0]], None, popts=popts)
-            opt = sh.load_options(args.half, args.quick)
             shape_docs[name] = {"source": sh.source, "about": sh.about,
                                 "sessions": [opt.skip_sessions + 1, opt.skip_sessions + (opt.sessions or 0)],
-                                "options": {k: v for k, v in sh.options.items()}, "trace_summary": tr.summary(),
+                                "options": dict(sh.options), "trace_summary": tr.summary(),
                                 "infinite_token_hit_rate": inf_run.metrics["token_hit_rate"], "infinite_tree": {}}
             for pn in profiles:
                 inf = shape_docs[name]["infinite_tree"][pn] = infinite_tree(inf_run, prof[pn])
@@ -296,8 +296,6 @@ def run(args, console=None) -> dict:
         jobs.sort(key=lambda j: (j[2] not in SLOW_POLICIES, -weight[j[0]]))
         task = ui.add_task("replays", total=len(jobs))
         results = _run_all(jobs, min(args.jobs, len(jobs)), lambda: ui.advance(task))
-    order = {(n, pn, "one" if b.single else "two", b.frac): i for i, (n, pn, _, b) in enumerate(sorted(
-        jobs, key=lambda j: (shapes.index(j[0]), profiles.index(j[1]), j[3].single, j[3].frac)))}
     cells: dict = {}
     cpu: dict = {}
     for (name, pn, p, b), m, sec in results:
@@ -308,7 +306,8 @@ def run(args, console=None) -> dict:
         c["runs"][p] = dict(m, replay_cpu_s=round(sec, 3))
         req, s = cpu.get(p, (0, 0.0))
         cpu[p] = (req + m["requests"], s + sec)
-    cell_list = [cells[k] for k in sorted(cells, key=lambda k: order[k])]
+    cell_list = [cells[k] for k in sorted(cells, key=lambda k: (shapes.index(k[0]), profiles.index(k[1]),
+                                                                layouts.index(k[2]), k[3]))]
     for c in cell_list:
         c["runs"] = {p: c["runs"][p] for p in policies if p in c["runs"]}
         c["ratios"] = cell_ratios(c["runs"])
