@@ -253,6 +253,21 @@ def test_single_budget_and_plot(tmp_path):
     assert {"hit_rate_vs_lru", "hit_rate_vs_vllm"} <= set(doc["ratios"][0])
 
 
+def test_cuts_are_printed_with_their_counts(tmp_path, capsys):
+    # 120 sessions (more than the built-in sources' 100); session 5's second request has 33,000 ids
+    reqs = [(f"s{i}", toks(10 * i, 5), [1]) for i in range(120)]
+    reqs.append(("s5", toks(50, 5) + [1] + toks(0, 33_000), [2]))
+    path = write_trace(tmp_path / "t.jsonl", reqs)
+    doc = replay_json(tmp_path, path, "--policies", "lru", *BIG)
+    assert doc["trace_summary"]["sessions"] == 120 and doc["trace_summary"]["requests"] == 121
+    assert "trace: replayed whole (120 sessions; no cut)\n" in capsys.readouterr().out
+    doc = replay_json(tmp_path, path, "--policies", "lru", "--sessions", "100", "--max-tokens", "32768", *BIG)
+    assert doc["trace_summary"]["requests"] == 100
+    assert doc["load"]["cuts"]["token_cut_requests"] == 1
+    assert ("trace: kept 100 of 120 sessions (20 past --sessions 100); 1 session cut at --max-tokens 32768 "
+            "(1 request dropped)\n") in capsys.readouterr().out
+
+
 def test_option_errors_are_one_line(tmp_path, capsys):
     path = write_trace(tmp_path / "t.jsonl", [("a", [1, 2, 3], [4])])
     assert main(["--trace", path, "--single-budget", "--cache-gb", "1", "--no-progress"]) == 2
