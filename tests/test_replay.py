@@ -268,6 +268,25 @@ def test_cuts_are_printed_with_their_counts(tmp_path, capsys):
             "(1 request dropped)\n") in capsys.readouterr().out
 
 
+def test_demo_next_steps_point_at_what_exists(capsys):
+    """The end of ``make demo``: the replay command parses, the serving command
+    selects the marconi backend, the docs it names are there."""
+    import pathlib
+    import shlex
+
+    from sglang_marconi.demo import main as demo_main
+    from sglang_marconi.replay.runner import build_parser
+
+    assert demo_main(["--next"]) == 0
+    out = capsys.readouterr().out
+    replay = next(ln for ln in out.splitlines() if "sglang_marconi.replay" in ln)
+    argv = shlex.split(replay.split("sglang_marconi.replay", 1)[1])
+    assert build_parser().parse_args(argv).trace == "your_trace.jsonl"
+    assert "sglang.launch_server" in out and "--radix-cache-backend marconi" in out
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert "docs/replay.md" in out and (root / "docs" / "replay.md").is_file()
+
+
 def test_option_errors_are_one_line(tmp_path, capsys):
     path = write_trace(tmp_path / "t.jsonl", [("a", [1, 2, 3], [4])])
     assert main(["--trace", path, "--single-budget", "--cache-gb", "1", "--no-progress"]) == 2
