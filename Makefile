@@ -8,11 +8,13 @@ setup:
 
 # The main job: Marconi on SGLang's real cache classes (scripted workload), then
 # a live CPU server (tiny NemotronH, --radix-cache-backend marconi) that the
-# frontend examples run against; the server is shut down at the end.
+# frontend examples run against; the server is shut down at the end. Then where
+# to go next.
 demo: setup
 	$(PY) -m sglang_marconi.demo
 	$(PY) -m sglang_marconi.cpu_serving.launch --examples examples \
 	    --radix-cache-backend marconi --enable-metrics
+	@$(PY) -m sglang_marconi.demo --next
 
 test: setup
 	$(PY) -m pytest -q tests

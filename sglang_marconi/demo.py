@@ -1,6 +1,7 @@
 """Demo: Marconi driving SGLang 0.5.23's real cache classes on CPU.
 
     python -m sglang_marconi.demo [--kv-budget N] [--state-budget N] [--alpha auto|X]
+    python -m sglang_marconi.demo --next     # where to go next (the end of ``make demo``)
 
 A scripted workload — a shared system prompt, a multi-turn chat, a branching
 conversation — runs through a ``MarconiRadixCache`` (SGLang's
@@ -74,6 +75,16 @@ def workload():
     ]
 
 
+NEXT_STEPS = """\
+Next:
+  replay your trace  .venv/bin/python -m sglang_marconi.replay --trace your_trace.jsonl --policies marconi,lru,vllm
+                     (one JSON request per line; the format, cuts and policies: docs/replay.md;
+                      try it on a built-in trace: --trace swe-agent --sessions 20)
+  serve a model      python -m sglang.launch_server --model-path <hybrid model> --page-size 1 \\
+                         --radix-cache-backend marconi
+  the docs           README.md (configuration), docs/ (user guides), BENCHMARKS.md (measurements)"""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sglang_marconi.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--kv-budget", type=int, default=420, help="KV tokens the tree may hold (default 420)")
@@ -81,7 +92,11 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", default=None,
                     help="'auto' (tuned online) or a fixed number (default: the package default, 0)")
     ap.add_argument("--profile", default="paper-7b", help="cost profile (built-in name or config.json)")
+    ap.add_argument("--next", action="store_true", help="only print where to go next (replay, serving, docs)")
     args = ap.parse_args(argv)
+    if args.next:
+        print(NEXT_STEPS)
+        return 0
 
     from rich.console import Console
     from rich.table import Table

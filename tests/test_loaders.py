@@ -15,9 +15,11 @@ from sglang_marconi.replay.loaders import (
     LoadOptions,
     TraceError,
     conversation_turns,
+    cut_line,
     gsm8k_prefix,
     load_trace,
     render,
+    source_defaults_help,
     traces_dir,
 )
 
@@ -192,6 +194,74 @@ def test_caps_sessions_turns_tokens(tmp_path):
     tr = load_trace(path, LoadOptions(max_tokens=20))
     assert max(r.prompt_len + r.completion_len for r in tr.requests) <= 20
     assert tr.meta["requests_cut_by_max_tokens"] == 6
+
+
+def test_canonical_trace_replays_whole_by_default(tmp_path):
+    """More sessions than the built-in sources' 100 and a request longer than their
+    32,768 tokens: a canonical trace keeps them all unless a cut is asked for."""
+    rows = [ok_ids(f"s{i}", float(i), (1, 2, 3 + i), (9,)) for i in range(150)]
+    rows.append(ok_ids("s0", 200.0, range(40_000), (7, 8)))
+    tr = load_trace(write_jsonl(tmp_path / "t.jsonl", rows))
+    assert tr.sessions == 150 and len(tr.requests) == 151
+    assert max(r.prompt_len for r in tr.requests) == 40_000
+    assert cut_line(tr.meta) == "trace: replayed whole (150 sessions; no cut)"
+    assert tr.meta["options"]["sessions"] is None and tr.meta["options"]["max_tokens"] is None
+
+
+def test_cut_line_counts_every_cut(tmp_path):
+    # session (turns): a 1, b 3, c 5, d 4, e 2, f 6, g 3 -- in order of first appearance
+    turns = {"a": 1, "b": 3, "c": 5, "d": 4, "e": 2, "f": 6, "g": 3}
+    rows, t = [], 0.0
+    for k in range(6):
+        for sid, n in turns.items():
+            if k < n:
+                # turn k of every session: 10 + 10 k prompt ids + 1 completion id
+                rows.append(ok_ids(sid, t, range(1, 11 + 10 * k), (99,)))
+                t += 1
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    opt = LoadOptions(min_turns=2, skip_sessions=1, sessions=3, max_turns=4, max_tokens=30)
+    tr = load_trace(path, opt)
+    # eligible (>= 2 turns): b c d e f g; skip b; keep c d e; f g past --sessions
+    # --max-turns 4: c (5 turns) loses 1; --max-tokens 30: turns 0-1 fit (11, 21 tokens), turn 2 (31) does not:
+    # c and d (4 turns kept each) lose 2 each
+    assert sorted({r.session_id for r in tr.requests}) == ["c", "d", "e"]
+    assert len(tr.requests) == 2 + 2 + 2
+    assert cut_line(tr.meta) == (
+        "trace: kept 3 of 7 sessions (1 with fewer than --min-turns 2 turns, 1 skipped by --skip-sessions 1, "
+        "2 past --sessions 3); 1 session cut at --max-turns 4 (1 request dropped); "
+        "2 sessions cut at --max-tokens 30 (4 requests dropped)"
+    )
+    assert tr.meta["cuts"]["token_cut_requests"] == tr.meta["requests_cut_by_max_tokens"] == 4
+    # the same cuts on the text form of the trace (tokenized, then cut by tokens)
+    text = [ok_text(r["session_id"], r["arrival_s"], "w " * len(r["prompt_ids"]), "x") for r in map(json.loads, open(path))]
+    tr = load_trace(write_jsonl(tmp_path / "text.jsonl", text), LoadOptions(min_turns=2, skip_sessions=1, sessions=3,
+                                                                           max_turns=4))
+    assert cut_line(tr.meta) == (
+        "trace: kept 3 of 7 sessions (1 with fewer than --min-turns 2 turns, 1 skipped by --skip-sessions 1, "
+        "2 past --sessions 3); 1 session cut at --max-turns 4 (1 request dropped)"
+    )
+    with pytest.raises(TraceError, match=r"no requests left after the cuts \(kept 0 of 7 sessions \(7 with fewer"):
+        load_trace(path, LoadOptions(min_turns=7))
+
+
+def test_built_in_sources_keep_the_papers_cuts(tmp_path):
+    trajs = {f"r__r-{i}": [_obs(f"task {i}")] + [m for t in range(55) for m in (_call(f"ls {t}", t), _obs("ok"))]
+             for i in range(2)}
+    src = f"swe-agent:{_write_trajs(tmp_path / 'trajs.tgz', trajs)}"
+    tr = load_trace(src, use_cache=False)
+    assert {k: tr.meta["options"][k] for k in ("sessions", "max_turns", "max_tokens", "min_turns")} == \
+        {"sessions": 100, "max_turns": 50, "max_tokens": 32768, "min_turns": 1}
+    assert len(tr.requests) == 2 * 50
+    assert cut_line(tr.meta) == "trace: 2 sessions cut at --max-turns 50 (10 requests dropped)"
+    # 0 asks for no cut
+    assert len(load_trace(src, LoadOptions(max_turns=0), use_cache=False).requests) == 2 * 55
+    assert load_trace(src, LoadOptions(sessions=1), use_cache=False).meta["cuts"]["past_sessions"] == 1
+    with pytest.raises(TraceError, match=r"--sessions must be an integer >= 0 \(0: no cut\), got -1"):
+        load_trace(src, LoadOptions(sessions=-1))
+    help_ = source_defaults_help()
+    assert "sharegpt    --sessions 100 --max-tokens 32768 --min-turns 10" in help_
+    assert "swe-agent   --sessions 100 --max-turns 50 --max-tokens 32768" in help_
+    assert "PATH.jsonl  none: replayed whole" in help_
 
 
 def test_skip_sessions_takes_the_next_ones(tmp_path):

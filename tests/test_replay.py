@@ -253,6 +253,40 @@ def test_single_budget_and_plot(tmp_path):
     assert {"hit_rate_vs_lru", "hit_rate_vs_vllm"} <= set(doc["ratios"][0])
 
 
+def test_cuts_are_printed_with_their_counts(tmp_path, capsys):
+    # 120 sessions (more than the built-in sources' 100); session 5's second request has 33,000 ids
+    reqs = [(f"s{i}", toks(10 * i, 5), [1]) for i in range(120)]
+    reqs.append(("s5", toks(50, 5) + [1] + toks(0, 33_000), [2]))
+    path = write_trace(tmp_path / "t.jsonl", reqs)
+    doc = replay_json(tmp_path, path, "--policies", "lru", *BIG)
+    assert doc["trace_summary"]["sessions"] == 120 and doc["trace_summary"]["requests"] == 121
+    assert "trace: replayed whole (120 sessions; no cut)\n" in capsys.readouterr().out
+    doc = replay_json(tmp_path, path, "--policies", "lru", "--sessions", "100", "--max-tokens", "32768", *BIG)
+    assert doc["trace_summary"]["requests"] == 100
+    assert doc["load"]["cuts"]["token_cut_requests"] == 1
+    assert ("trace: kept 100 of 120 sessions (20 past --sessions 100); 1 session cut at --max-tokens 32768 "
+            "(1 request dropped)\n") in capsys.readouterr().out
+
+
+def test_demo_next_steps_point_at_what_exists(capsys):
+    """The end of ``make demo``: the replay command parses, the serving command
+    selects the marconi backend, the docs it names are there."""
+    import pathlib
+    import shlex
+
+    from sglang_marconi.demo import main as demo_main
+    from sglang_marconi.replay.runner import build_parser
+
+    assert demo_main(["--next"]) == 0
+    out = capsys.readouterr().out
+    replay = next(ln for ln in out.splitlines() if "sglang_marconi.replay" in ln)
+    argv = shlex.split(replay.split("sglang_marconi.replay", 1)[1])
+    assert build_parser().parse_args(argv).trace == "your_trace.jsonl"
+    assert "sglang.launch_server" in out and "--radix-cache-backend marconi" in out
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert "docs/replay.md" in out and (root / "docs" / "replay.md").is_file()
+
+
 def test_option_errors_are_one_line(tmp_path, capsys):
     path = write_trace(tmp_path / "t.jsonl", [("a", [1, 2, 3], [4])])
     assert main(["--trace", path, "--single-budget", "--cache-gb", "1", "--no-progress"]) == 2

@@ -52,7 +52,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .loaders import SWE_ARRIVALS, LoadOptions, Request, TraceError, load_trace
+from .loaders import SWE_ARRIVALS, LoadOptions, Request, TraceError, cut_line, load_trace, source_defaults_help
 
 POLICIES = ("lru", "end-oracle", "belady", "turn-hazard")
 HAZARD_BUCKET = 5  #: turns per bucket of the turn-hazard oracle's end chances
@@ -278,12 +278,13 @@ class LiveHitProbe:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sglang_marconi.replay.bounds", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sglang_marconi.replay.bounds", description=__doc__.split("\n")[0],
+                                 epilog=source_defaults_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default="swe-agent", help="sharegpt, swe-agent, gsm8k or a .jsonl trace (default swe-agent)")
-    ap.add_argument("--sessions", type=int, default=None)
+    ap.add_argument("--sessions", type=int, help="first N eligible sessions (default: the source's; 0: all)")
     ap.add_argument("--skip-sessions", type=int, default=0)
-    ap.add_argument("--max-turns", type=int, default=None)
-    ap.add_argument("--max-tokens", type=int, default=32768)
+    ap.add_argument("--max-turns", type=int, help="requests per session (default: the source's; 0: all)")
+    ap.add_argument("--max-tokens", type=int, help="cut a session at its first longer request (default: the source's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the arrival gaps (default 0)")
     ap.add_argument("--swe-arrivals", choices=SWE_ARRIVALS, default="poisson",
                     help="swe-agent turn gaps: poisson (default) or recorded (the trajectories' call timestamps)")
@@ -296,7 +297,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --fracs {args.fracs!r}: expected comma-separated numbers") from None
     if not fracs or any(not 0 < f for f in fracs):
         raise SystemExit(f"error: --fracs {args.fracs!r}: fractions must be > 0")
-    opt = LoadOptions(sessions=args.sessions if args.sessions is not None else 100, skip_sessions=args.skip_sessions,
+    opt = LoadOptions(sessions=args.sessions, skip_sessions=args.skip_sessions,
                       max_turns=args.max_turns, max_tokens=args.max_tokens, seed=args.seed,
                       swe_arrivals=args.swe_arrivals)
     try:
@@ -305,6 +306,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {e}") from None
     tokens = trace.stream_tokens()
     print(f"{trace.name}: {trace.sessions} sessions, {len(trace.requests)} requests, {tokens:,} distinct session tokens")
+    print(cut_line(trace.meta))
     print(f"{'budget':>8} {'lru':>8} {'end-oracle':>11} {'belady':>8} {'turn-hazard':>12}"
           f"   end-oracle/lru  belady/lru  turn-hazard/lru")
     for f in fracs:

@@ -58,18 +58,35 @@ GEN_PROMPT = "<|assistant|>\n"
 CACHE_ENV = "SGLANG_MARCONI_REPLAY_CACHE"
 TRACES_ENV = "SGLANG_MARCONI_TRACES"
 
-#: Source defaults that follow the paper (overridable by the options).
+#: The cuts each source makes unless the options say otherwise (None: no cut). The
+#: built-in sources follow the paper (100 sessions, 32,768 tokens, ShareGPT sessions
+#: with >= 10 turns, SWE-agent's first 50 turns); a canonical trace replays whole.
+_PAPER = {"sessions": 100, "max_tokens": 32768}
 SOURCE_DEFAULTS = {
-    "sharegpt": {"min_turns": 10, "max_turns": None},  # paper: sessions with >= 10 turns
-    "swe-agent": {"min_turns": 1, "max_turns": 50},  # paper: <= 50 turns
-    "gsm8k": {"min_turns": 1, "max_turns": None},
-    "jsonl": {"min_turns": 1, "max_turns": None},
-    "mooncake": {"min_turns": 1, "max_turns": None},  # sources in synthetic.py
-    "longdoc": {"min_turns": 1, "max_turns": None},
-    "toolagent": {"min_turns": 1, "max_turns": None},
+    "sharegpt": {**_PAPER, "min_turns": 10, "max_turns": None},
+    "swe-agent": {**_PAPER, "min_turns": 1, "max_turns": 50},
+    "gsm8k": {**_PAPER, "min_turns": 1, "max_turns": None},
+    "jsonl": {"sessions": None, "max_tokens": None, "min_turns": 1, "max_turns": None},
+    # block-id traces and seeded shapes (synthetic.py): long prompts by design, replayed whole
+    "mooncake": {"sessions": None, "max_tokens": None, "min_turns": 1, "max_turns": None},
+    "longdoc": {**_PAPER, "max_tokens": None, "min_turns": 1, "max_turns": None},
+    "toolagent": {**_PAPER, "max_tokens": None, "min_turns": 1, "max_turns": None},
 }
-#: sources whose prompts are long by design: no --max-tokens cut unless one is given
+#: sources read by synthetic.py (no tokenizer, no cache)
 UNCUT_SOURCES = ("mooncake", "longdoc", "toolagent")
+#: Options that cut the trace; 0 (or a negative min_turns) asks for no cut.
+CUT_OPTIONS = ("sessions", "max_turns", "max_tokens", "min_turns")
+
+
+def source_defaults_help() -> str:
+    """The cuts of every source, one line each (the CLIs' ``--help`` epilog)."""
+    lines = ["cuts by source (the built-in sources follow the Marconi paper; override with the options, 0 = no cut):"]
+    names = {"jsonl": "PATH.jsonl"}
+    for kind, d in SOURCE_DEFAULTS.items():
+        flags = [f"--{k.replace('_', '-')} {d[k]}" for k in CUT_OPTIONS
+                 if d[k] is not None and not (k == "min_turns" and d[k] <= 1)]
+        lines.append(f"  {names.get(kind, kind):11s} {' '.join(flags) if flags else 'none: replayed whole'}")
+    return "\n".join(lines)
 
 Progress = Optional[Callable[[str, int, int], None]]  # (stage, done, total)
 
@@ -159,12 +176,16 @@ SWE_ARRIVALS = ("poisson", "recorded")
 
 @dataclass(frozen=True)
 class LoadOptions:
-    sessions: Optional[int] = 100  #: first N eligible sessions (None: all)
+    """Load options. The cut options (``sessions``, ``max_turns``, ``max_tokens``,
+    ``min_turns``) default to None: the source's cut (:data:`SOURCE_DEFAULTS`);
+    0 asks for no cut. :meth:`resolved` makes them final (None: no cut)."""
+
+    sessions: Optional[int] = None  #: first N eligible sessions
     skip_sessions: int = 0  #: skip this many eligible sessions first (hold-out halves)
     #: ShareGPT: a system message put in front of every conversation (a shared-prefix chat trace)
     system_prompt: Optional[str] = None
     max_turns: Optional[int] = None  #: requests per session (None: the source default)
-    max_tokens: Optional[int] = 32768  #: cut a session at its first request with prompt+completion above this
+    max_tokens: Optional[int] = None  #: cut a session at its first request with prompt+completion above this
     min_turns: Optional[int] = None  #: skip sessions with fewer assistant turns (None: the source default)
     sps: float = 1.0  #: sessions per second: session i starts at i / sps
     seed: int = 0
@@ -180,18 +201,23 @@ class LoadOptions:
     swe_drop_observations: Optional[int] = None
 
     def resolved(self, kind: str) -> "LoadOptions":
+        """Source defaults filled in, 0 turned into None (no cut); min_turns >= 1."""
         d = SOURCE_DEFAULTS[kind]
-        return dataclasses.replace(
-            self,
-            max_turns=self.max_turns if self.max_turns is not None else d["max_turns"],
-            min_turns=self.min_turns if self.min_turns is not None else d["min_turns"],
-        )
+        final = {}
+        for name in CUT_OPTIONS:
+            v = getattr(self, name)
+            if v is None:
+                v = d[name]
+            elif v == 0 and not isinstance(v, bool):
+                v = 1 if name == "min_turns" else None
+            final[name] = v
+        return dataclasses.replace(self, **final)
 
     def validate(self) -> None:
-        for name in ("sessions", "max_turns", "max_tokens", "min_turns"):
+        for name in CUT_OPTIONS:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise TraceError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+                raise TraceError(f"--{name.replace('_', '-')} must be an integer >= 0 (0: no cut), got {v!r}")
         if isinstance(self.skip_sessions, bool) or not isinstance(self.skip_sessions, int) or self.skip_sessions < 0:
             raise TraceError(f"--skip-sessions must be an integer >= 0, got {self.skip_sessions!r}")
         if self.system_prompt is not None and not self.system_prompt.strip():
@@ -206,6 +232,82 @@ class LoadOptions:
             raise TraceError(f"--swe-arrivals must be one of {', '.join(SWE_ARRIVALS)}, got {self.swe_arrivals!r}")
         if not (self.swe_gap_s > 0 and self.words_per_s > 0):
             raise TraceError("gap parameters must be positive")
+
+
+@dataclass
+class Cuts:
+    """What a load left out of the source, with counts (``Trace.meta["cuts"]``,
+    printed by :func:`cut_line`). Every source selects its sessions through
+    :meth:`select`, in source order."""
+
+    sessions_total: int = 0  #: sessions in the source
+    few_turns: int = 0  #: left out: fewer turns than min_turns
+    skipped: int = 0  #: left out by skip_sessions
+    past_sessions: int = 0  #: left out: past the first `sessions` eligible ones
+    turn_cut_sessions: int = 0  #: kept sessions cut at max_turns ...
+    turn_cut_requests: int = 0  #: ... and the requests they lost
+    token_cut_sessions: int = 0  #: kept sessions cut at max_tokens (at their first longer request) ...
+    token_cut_requests: int = 0  #: ... and the requests they lost
+
+    @property
+    def kept(self) -> int:
+        return self.sessions_total - self.few_turns - self.skipped - self.past_sessions
+
+    def select(self, turns: int, opt: "LoadOptions") -> int:
+        """Count the next source session (``turns`` requests); how many of its
+        turns to keep (0: the session is left out). ``opt`` is resolved."""
+        self.sessions_total += 1
+        if turns < opt.min_turns:
+            self.few_turns += 1
+            return 0
+        if self.skipped < opt.skip_sessions:
+            self.skipped += 1
+            return 0
+        if opt.sessions is not None and self.kept > opt.sessions:
+            self.past_sessions += 1
+            return 0
+        keep = turns if opt.max_turns is None else min(turns, opt.max_turns)
+        if keep < turns:
+            self.turn_cut_sessions += 1
+            self.turn_cut_requests += turns - keep
+        return keep
+
+    def count_token_cuts(self, turns: dict, requests: Sequence["Request"]) -> None:
+        """Sessions (``{session_id: turns kept so far}``) that lost requests to max_tokens."""
+        got: dict[str, int] = {}
+        for r in requests:
+            got[r.session_id] = got.get(r.session_id, 0) + 1
+        lost = [n - got.get(sid, 0) for sid, n in turns.items() if got.get(sid, 0) < n]
+        self.token_cut_sessions, self.token_cut_requests = len(lost), sum(lost)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def cut_line(meta: dict) -> str:
+    """One line naming every cut of a loaded trace with its counts, e.g.
+    ``trace: kept 100 of 1,805 sessions (1,705 past --sessions 100); 37 sessions cut
+    at --max-tokens 32768 (412 requests dropped)``, or that it was replayed whole."""
+    c, o = meta.get("cuts"), meta.get("options", {})
+    if c is None:
+        return "trace: cuts unknown"
+    why = []
+    if c["few_turns"]:
+        why.append(f"{c['few_turns']:,} with fewer than --min-turns {o['min_turns']} turns")
+    if c["skipped"]:
+        why.append(f"{c['skipped']:,} skipped by --skip-sessions {o['skip_sessions']}")
+    if c["past_sessions"]:
+        why.append(f"{c['past_sessions']:,} past --sessions {o['sessions']}")
+    kept = c["sessions_total"] - c["few_turns"] - c["skipped"] - c["past_sessions"]
+    parts = [f"kept {kept:,} of {_n(c['sessions_total'], 'session')} ({', '.join(why)})"] if why else []
+    for key, flag in (("turn", "max_turns"), ("token", "max_tokens")):
+        if c[f"{key}_cut_sessions"]:
+            parts.append(f"{_n(c[f'{key}_cut_sessions'], 'session')} cut at --{flag.replace('_', '-')} {o[flag]} "
+                         f"({_n(c[f'{key}_cut_requests'], 'request')} dropped)")
+    if not parts:
+        return f"trace: replayed whole ({_n(c['sessions_total'], 'session')}; no cut)"
+    return "trace: " + "; ".join(parts)
 
 
 # ------------------------------------------------------------------ text sessions
@@ -331,10 +433,8 @@ def traces_dir() -> Path:
     env = os.environ.get(TRACES_ENV)
     if env:
         return Path(env)
-    repo_shared = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
-    if repo_shared.is_dir():
-        return repo_shared
-    return Path("/work/shared/traces")
+    # the traces folder next to the checkout (``../shared/traces``)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 
 
 def parse_source(spec: str) -> tuple[str, Optional[str]]:
@@ -353,10 +453,10 @@ def parse_source(spec: str) -> tuple[str, Optional[str]]:
 
 
 def default_max_tokens(spec: str, given: Optional[int]) -> Optional[int]:
-    """``--max-tokens``: as given, else the paper's 32768 cut (none for ``UNCUT_SOURCES``)."""
+    """``--max-tokens``: as given, else the source's cut (:data:`SOURCE_DEFAULTS`)."""
     if given is not None:
         return given
-    return None if parse_source(spec)[0] in UNCUT_SOURCES else LoadOptions.max_tokens
+    return SOURCE_DEFAULTS[parse_source(spec)[0]]["max_tokens"]
 
 
 def _file_identity(path: str) -> dict:
@@ -410,9 +510,9 @@ def read_sharegpt(path: str) -> Iterable[dict]:
         yield obj
 
 
-def sharegpt_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
+def sharegpt_sessions(path: str, opt: LoadOptions, cuts: Optional[Cuts] = None) -> list[TextSession]:
+    cuts = Cuts() if cuts is None else cuts
     sessions: list[TextSession] = []
-    skipped = 0
     seen_ids: dict[str, int] = {}
     for idx, obj in enumerate(read_sharegpt(path)):
         where = f"{path}: object {idx}"
@@ -428,19 +528,16 @@ def sharegpt_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
         if opt.system_prompt is not None and not (msgs and msgs[0][0] == "system"):
             msgs.insert(0, ("system", opt.system_prompt))
         turns = conversation_turns(msgs)
-        if len(turns) < opt.min_turns:
+        keep = cuts.select(len(turns), opt)
+        if not keep:
             continue
-        skipped += 1
-        if skipped <= opt.skip_sessions:
-            continue
+        turns = turns[:keep]
         sid = str(obj.get("id", idx))
         if sid in seen_ids:
             seen_ids[sid] += 1
             sid = f"{sid}#{seen_ids[sid]}"
         else:
             seen_ids[sid] = 0
-        if opt.max_turns is not None:
-            turns = turns[: opt.max_turns]
         i = len(sessions)
         t = i / opt.sps
         out = []
@@ -449,8 +546,6 @@ def sharegpt_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
                 t += _words(user) / opt.words_per_s
             out.append(TextTurn((new,), comp, t, extend=k > 0))
         sessions.append(TextSession(sid, out))
-        if opt.sessions is not None and len(sessions) >= opt.sessions:
-            break
     return sessions
 
 
@@ -542,19 +637,16 @@ def dropped_observation_pieces(turns: Sequence[tuple[str, str, str]], keep: int)
     return out
 
 
-def swe_agent_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
+def swe_agent_sessions(path: str, opt: LoadOptions, cuts: Optional[Cuts] = None) -> list[TextSession]:
+    cuts = Cuts() if cuts is None else cuts
     sessions: list[TextSession] = []
-    skipped = 0
     for name, data in read_trajectories(path):
         sid, msgs, created = parse_trajectory(path, name, data)
         turns = conversation_turns(msgs)
-        if len(turns) < opt.min_turns:
+        keep = cuts.select(len(turns), opt)
+        if not keep:
             continue
-        skipped += 1
-        if skipped <= opt.skip_sessions:
-            continue
-        if opt.max_turns is not None:
-            turns = turns[: opt.max_turns]
+        turns = turns[:keep]
         drop = opt.swe_drop_observations
         pieces = dropped_observation_pieces(turns, drop) if drop is not None else None
         if opt.swe_arrivals == "recorded":
@@ -571,8 +663,6 @@ def swe_agent_sessions(path: str, opt: LoadOptions) -> list[TextSession]:
             else:
                 out.append(TextTurn(pieces[k], comp, t, extend=False))
         sessions.append(TextSession(sid, out))
-        if opt.sessions is not None and len(sessions) >= opt.sessions:
-            break
     return sessions
 
 
@@ -612,16 +702,18 @@ def gsm8k_prefix(train: Sequence[tuple[str, str]]) -> str:
     return "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in train)
 
 
-def gsm8k_sessions(directory: str, opt: LoadOptions) -> list[TextSession]:
+def gsm8k_sessions(directory: str, opt: LoadOptions, cuts: Optional[Cuts] = None) -> list[TextSession]:
     train_path = os.path.join(directory, "train.jsonl")
     test_path = os.path.join(directory, "test.jsonl")
     train = _read_gsm8k(train_path, opt.k)
     if len(train) < opt.k:
         raise TraceError(f"{train_path}: has {len(train)} problems, --k {opt.k} needs more")
     prefix = gsm8k_prefix(train)
+    cuts = Cuts() if cuts is None else cuts
     sessions = []
-    limit = None if opt.sessions is None else opt.sessions + opt.skip_sessions
-    for i, (q, a) in enumerate(_read_gsm8k(test_path, limit)[opt.skip_sessions:], start=opt.skip_sessions):
+    for i, (q, a) in enumerate(_read_gsm8k(test_path, None)):
+        if not cuts.select(1, opt):
+            continue
         pieces = (prefix, f"Question: {q}\nAnswer:") if prefix else (f"Question: {q}\nAnswer:",)
         sessions.append(TextSession(f"gsm8k-test-{i}", [TextTurn(pieces, " " + a, i / opt.sps, extend=False)]))
     return sessions
@@ -723,30 +815,19 @@ def read_canonical(path: str) -> tuple[str, list[dict]]:
     return kind, records
 
 
-def _select_canonical(records: list[dict], opt: LoadOptions) -> list[dict]:
-    """Apply --skip-sessions, --sessions (first N sessions by first appearance) and --max-turns."""
-    skipped: set = set()
-    order: dict[str, int] = {}
-    counts: dict[str, int] = {}
+def _select_canonical(records: list[dict], opt: LoadOptions, cuts: Cuts) -> list[dict]:
+    """Sessions in order of first appearance through :meth:`Cuts.select` (--min-turns,
+    --skip-sessions, --sessions, --max-turns); the kept records, in trace order."""
+    turns: dict[str, int] = {}
+    for r in records:
+        turns[r["session_id"]] = turns.get(r["session_id"], 0) + 1
+    keep = {sid: cuts.select(n, opt) for sid, n in turns.items()}
     out = []
     for r in records:
         sid = r["session_id"]
-        if sid in skipped:
-            continue
-        if sid not in order:
-            if len(skipped) < opt.skip_sessions:
-                skipped.add(sid)
-                continue
-            if opt.sessions is not None and len(order) >= opt.sessions:
-                continue
-            order[sid] = len(order)
-        n = counts.get(sid, 0)
-        if opt.max_turns is not None and n >= opt.max_turns:
-            continue
-        counts[sid] = n + 1
-        out.append(r)
-    if opt.min_turns and opt.min_turns > 1:
-        out = [r for r in out if counts[r["session_id"]] >= opt.min_turns]
+        if keep[sid]:
+            keep[sid] -= 1
+            out.append(r)
     return out
 
 
@@ -875,20 +956,25 @@ def load_trace(
     kind, path = parse_source(spec)
     opt = opt.resolved(kind)
     opt.validate()
+    cuts = Cuts()
     if kind in UNCUT_SOURCES:  # block-id traces and seeded shapes (synthetic.py): no tokenizer, no cache
         from .synthetic import load_synthetic
 
-        name, requests, cut, meta = load_synthetic(kind, path, opt)
-        return _finish(name, kind, requests, cut, opt, None, meta)
+        name, requests, cut, meta = load_synthetic(kind, path, opt, cuts)
+        return _finish(name, kind, requests, cut, opt, None, meta, cuts)
     if kind == "jsonl":
         fmt, records = read_canonical(path)
-        records = _select_canonical(records, opt)
-        if not records:
-            raise TraceError(f"{path}: no requests left after --sessions/--max-turns/--min-turns")
+        records = _select_canonical(records, opt, cuts)
         name = os.path.basename(path)
+        if not records:
+            raise TraceError(f"{path}: no requests left after the cuts ({_cuts_text(cuts, opt)})")
         if fmt == "ids":
             requests, cut = canonical_ids_requests(records, opt)
-            return _finish(name, kind, requests, cut, opt, None, {"format": "pre-tokenized"})
+            turns: dict[str, int] = {}
+            for r in records:
+                turns[r["session_id"]] = turns.get(r["session_id"], 0) + 1
+            cuts.count_token_cuts(turns, requests)
+            return _finish(name, kind, requests, cut, opt, None, {"format": "pre-tokenized"}, cuts)
         sessions = canonical_text_sessions(records)
         identity = {"kind": kind, **_file_identity(path)}
         meta = {"format": "text"}
@@ -899,14 +985,14 @@ def load_trace(
     elif kind == "swe-agent":
         path = swe_agent_path(path)
         if not os.path.isfile(path):
-            raise TraceError(f"{path}: no such file")
+            raise TraceError(f"{path}: no such file{_traces_hint(spec)}")
         identity = {"kind": kind, **_file_identity(path)}
         name, sessions, meta = "swe-agent", None, {}
     else:
         path = gsm8k_dir(path)
         for f in ("train.jsonl", "test.jsonl"):
             if not os.path.isfile(os.path.join(path, f)):
-                raise TraceError(f"{os.path.join(path, f)}: no such file")
+                raise TraceError(f"{os.path.join(path, f)}: no such file{_traces_hint(spec)}")
         identity = {"kind": kind, "train": _file_identity(os.path.join(path, "train.jsonl")),
                     "test": _file_identity(os.path.join(path, "test.jsonl"))}
         name, sessions, meta = f"gsm8k-{opt.k}shot", None, {}
@@ -917,24 +1003,21 @@ def load_trace(
     cfile = cache_dir() / f"{key}.pkl"
     if use_cache and cfile.is_file():
         cached = _load(cfile)
-        if cached is not None:
+        if cached is not None and "cuts" in cached.meta:  # (older cache files lack the cut counts)
             cached.meta["cache"] = str(cfile)
             return cached
     if sessions is None:
         if progress:
             progress("read", 0, 1)
-        if kind == "sharegpt":
-            sessions = sharegpt_sessions(path, opt)
-        elif kind == "swe-agent":
-            sessions = swe_agent_sessions(path, opt)
-        else:
-            sessions = gsm8k_sessions(path, opt)
+        read = {"sharegpt": sharegpt_sessions, "swe-agent": swe_agent_sessions, "gsm8k": gsm8k_sessions}[kind]
+        sessions = read(path, opt, cuts)
         if progress:
             progress("read", 1, 1)
     if not sessions:
-        raise TraceError(f"{spec}: no session has at least --min-turns {opt.min_turns} turns")
+        raise TraceError(f"{spec}: no sessions left after the cuts ({_cuts_text(cuts, opt)})")
     requests, cut = tokenize_sessions(sessions, tok, max_tokens=opt.max_tokens, progress=progress)
-    trace = _finish(name, kind, requests, cut, opt, tok, meta)
+    cuts.count_token_cuts({s.session_id: len(s.turns) for s in sessions}, requests)
+    trace = _finish(name, kind, requests, cut, opt, tok, meta, cuts)
     if use_cache:
         try:
             _save(cfile, trace)
@@ -944,9 +1027,17 @@ def load_trace(
     return trace
 
 
-def _finish(name, kind, requests, cut, opt: LoadOptions, tok, meta) -> Trace:
+def _traces_hint(spec: str) -> str:
+    return "" if ":" in spec else f" (set {TRACES_ENV} to the traces folder, or give {spec}:PATH)"
+
+
+def _cuts_text(cuts: Cuts, opt: LoadOptions) -> str:
+    return cut_line({"cuts": dataclasses.asdict(cuts), "options": dataclasses.asdict(opt)}).removeprefix("trace: ")
+
+
+def _finish(name, kind, requests, cut, opt: LoadOptions, tok, meta, cuts: Cuts) -> Trace:
     if not requests:
-        raise TraceError(f"{name}: no requests left after the --max-tokens {opt.max_tokens} cut")
+        raise TraceError(f"{name}: no requests left after the cuts ({_cuts_text(cuts, opt)})")
     order: dict[str, int] = {}
     for r in requests:
         order.setdefault(r.session_id, len(order))
@@ -957,12 +1048,14 @@ def _finish(name, kind, requests, cut, opt: LoadOptions, tok, meta) -> Trace:
         "tokenizer": tok.name if tok is not None else None,
         "options": {k: v for k, v in dataclasses.asdict(opt).items() if not (tok is None and k == "tokenizer")},
         "requests_cut_by_max_tokens": cut,
+        "cuts": dataclasses.asdict(cuts),
     })
     return Trace(name, requests, meta)
 
 
 __all__ = [
     "LoadOptions", "Request", "Trace", "TraceError", "TextSession", "TextTurn",
-    "conversation_turns", "default_max_tokens", "gsm8k_prefix", "load_trace", "parse_source", "read_canonical", "render",
+    "conversation_turns", "cut_line", "default_max_tokens", "gsm8k_prefix", "load_trace", "source_defaults_help", "Cuts",
+    "parse_source", "read_canonical", "render",
     "tokenize_sessions", "cache_dir", "traces_dir",
 ]

@@ -6,6 +6,8 @@ import json
 import math
 from typing import Optional
 
+from .loaders import cut_line
+
 #: Paper figures (arXiv 2411.19379) printed beside ours.
 PAPER = {
     "vs_vllm_token_hit_rate": {"lmsys": 4.5, "sharegpt": 7.3, "swe-bench": 34.4},
@@ -146,6 +148,7 @@ def print_table(console, doc: dict, results) -> None:
         f"{s['input_tokens']:,} input tokens (mean prompt {s['mean_prompt_tokens']:.0f}, max {s['max_prompt_tokens']}); "
         f"budget mode {doc['budget_mode']}"
     )
+    console.print(cut_line(doc["load"]), markup=False, highlight=False, soft_wrap=True)
     inf = doc.get("infinite_tree")
     if inf:
         console.print(

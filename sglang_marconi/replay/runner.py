@@ -20,7 +20,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from .bounds import LiveHitProbe, session_next_use
-from .loaders import SWE_ARRIVALS, LoadOptions, Trace, TraceError, default_max_tokens, load_trace
+from .loaders import SWE_ARRIVALS, LoadOptions, Trace, TraceError, load_trace, source_defaults_help
 from .policies import (
     MARCONI_DEFAULT_CONFIG, POLICIES, Budget, PolicyError, PolicyOptions, TraceShape, build_policy, close,
 )
@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sglang_marconi.replay",
         description="Replay a real trace through Marconi and SGLang's own hybrid cache (and the paper's "
                     "baselines): token hit rate, SSM-state hits, FLOPs saved, modeled TTFT.",
+        epilog=source_defaults_help() + "\nThe cuts made are printed with their counts. Docs: docs/replay.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--trace", required=True,
                     help="PATH.jsonl (canonical), sharegpt[:PATH], swe-agent[:PATH.tgz] or gsm8k[:DIR]")
@@ -349,17 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep", help="budgets to replay: frac=F1,F2,... | kv-gb=X1,X2,... (ssm-gb scaled alike) | "
                                    "cache-gb=Z1,Z2,... (with --single-budget)")
     t = ap.add_argument_group("trace")
-    t.add_argument("--sessions", type=int, default=100, help="first N eligible sessions (default 100, the paper's)")
+    t.add_argument("--sessions", type=int,
+                   help="first N eligible sessions (default: the source's, below; 0: all)")
     t.add_argument("--skip-sessions", type=int, default=0,
                    help="skip the first N eligible sessions (e.g. the second half of a trace; default 0)")
     t.add_argument("--system-prompt", metavar="TEXT|@FILE",
                    help="sharegpt: put this system message in front of every conversation (a shared-prefix chat "
                         "trace); @FILE reads it from a file")
-    t.add_argument("--max-turns", type=int, help="requests per session (default: swe-agent 50, others unlimited)")
-    t.add_argument("--min-turns", type=int, help="skip shorter sessions (default: sharegpt 10, others 1)")
+    t.add_argument("--max-turns", type=int, help="requests per session (default: the source's; 0: all)")
+    t.add_argument("--min-turns", type=int, help="leave out sessions with fewer turns (default: the source's)")
     t.add_argument("--max-tokens", type=int,
-                   help="cut a session at its first request longer than this (prompt + completion; default 32768, "
-                        "none for mooncake, longdoc and toolagent)")
+                   help="cut a session at its first request longer than this, prompt + completion "
+                        "(default: the source's; 0: no cut)")
     t.add_argument("--sps", type=float, default=1.0, help="sessions per second: session i starts at i/sps (default 1)")
     t.add_argument("--seed", type=int, default=0, help="seed of the arrival gaps (default 0)")
     t.add_argument("--swe-arrivals", choices=SWE_ARRIVALS, default="poisson",
@@ -486,7 +489,7 @@ def run(args, *, console=None) -> dict:
             raise ReplayError(f"--system-prompt {args.system_prompt}: cannot read ({e.strerror})") from None
     opt = LoadOptions(
         skip_sessions=args.skip_sessions, system_prompt=system_prompt,
-        sessions=args.sessions, max_turns=args.max_turns, max_tokens=default_max_tokens(args.trace, args.max_tokens),
+        sessions=args.sessions, max_turns=args.max_turns, max_tokens=args.max_tokens,
         min_turns=args.min_turns,
         sps=args.sps, seed=args.seed, k=args.k, tokenizer=args.tokenizer,
         swe_drop_observations=args.swe_drop_observations, swe_arrivals=args.swe_arrivals,

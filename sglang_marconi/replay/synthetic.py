@@ -372,14 +372,14 @@ def source_seed(kind: str, arg: Optional[str], default: int) -> int:
         raise _bad(f"--trace {kind}:{arg}", f"SEED must be an integer, got {arg!r}") from None
 
 
-def load_synthetic(kind: str, arg: Optional[str], opt) -> tuple[str, list, int, dict]:
+def load_synthetic(kind: str, arg: Optional[str], opt, cuts) -> tuple[str, list, int, dict]:
     """(name, requests in session order, requests cut by ``opt.max_tokens``, meta) of a source here.
 
     ``opt`` is the loader's resolved :class:`~.loaders.LoadOptions`: ``skip_sessions``,
     ``sessions``, ``min_turns`` (which sessions are eligible), ``max_turns``, ``max_tokens``
     (a session ends before its first request longer than this) and ``seed``; ``sps`` is the
     Poisson rate (longdoc: requests/s; toolagent: session starts/s). ``mooncake:PATH``
-    keeps the file's timestamps.
+    keeps the file's timestamps. ``cuts`` (a :class:`~.loaders.Cuts`) gets what was left out.
     """
     from .loaders import Request
 
@@ -399,12 +399,21 @@ def load_synthetic(kind: str, arg: Optional[str], opt) -> tuple[str, list, int, 
         seed = source_seed(kind, arg, opt.seed)
         name, meta = f"toolagent:{seed}", {"format": "pre-tokenized", "seed": seed}
         sessions = iter_toolagent(seed, ToolAgent(rate=opt.sps), tokens=tokens)
-    eligible = (s for s in sessions if len(s.turns) >= (opt.min_turns or 1))
-    stop = None if opt.sessions is None else opt.skip_sessions + opt.sessions
     requests: list = []
     cut = 0
-    for s in itertools.islice(eligible, opt.skip_sessions, stop):
-        turns = s.turns[: opt.max_turns] if opt.max_turns is not None else s.turns
+    kept_turns: dict = {}
+    if kind != "mooncake":  # an endless seeded stream: the sessions asked for are the trace
+        stop = None if opt.sessions is None else opt.skip_sessions + opt.sessions
+        sessions = itertools.islice((x for x in sessions if len(x.turns) >= (opt.min_turns or 1)),
+                                    opt.skip_sessions, stop)
+    for s in sessions:
+        n = cuts.select(len(s.turns), opt) if kind == "mooncake" else len(s.turns)
+        if kind == "mooncake" and opt.sessions is not None and cuts.past_sessions:
+            break  # a finite file: the rest is past --sessions (counted below)
+        turns = s.turns[:n]
+        if not turns:
+            continue
+        kept_turns[s.session_id] = len(turns)
         keep = turns
         if opt.max_tokens is not None:
             keep = list(itertools.takewhile(lambda t: t[1] + t[2] <= opt.max_tokens, turns))
@@ -412,6 +421,13 @@ def load_synthetic(kind: str, arg: Optional[str], opt) -> tuple[str, list, int, 
         if keep:
             stream = tuple(s.stream[: keep[-1][1] + keep[-1][2]])
             requests += [Request(s.session_id, t, k, stream, p, c) for k, (t, p, c) in enumerate(keep)]
+    if kind == "mooncake" and cuts.past_sessions:  # count the file's remaining sessions
+        rest = sum(1 for _ in sessions)
+        cuts.sessions_total += rest
+        cuts.past_sessions += rest
+    if kind != "mooncake":
+        cuts.sessions_total = len(kept_turns)
+    cuts.count_token_cuts(kept_turns, requests)
     if not requests and cut == 0:
         raise _bad(f"--trace {kind}" + (f":{arg}" if arg else ""),
                    f"no sessions left after --skip-sessions {opt.skip_sessions}")

@@ -34,7 +34,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from ..policy.admission import Admission, AdmissionReason, MarconiAdmission, SGLangGridAdmission
+from ..policy.admission import Admission, AdmissionReason, BlockAdmission, MarconiAdmission, SGLangGridAdmission
 from .pools import BuiltCache
 
 
@@ -82,6 +82,9 @@ class CacheDriver:
     ``byte_budget``: one byte budget over both (paper mode, Marconi only).
     Unset budgets leave the pools' own capacity as the only limit.
     """
+
+    #: block admission inserts a request's checkpoints in one pass (see ``_checkpoint``)
+    one_pass = True
 
     def __init__(
         self,
@@ -181,10 +184,23 @@ class CacheDriver:
         return result
 
     def _checkpoint(self, input_ids, tokens, committed, hit, match, row, held, result) -> None:
-        """Insert the admission plan's checkpoints in order, moving the request's
-        lock onto each inserted node and advancing how far the tree owns the row."""
+        """Insert the admission plan's checkpoints in order, advancing how far the
+        tree owns the row.
+
+        Each checkpoint is one SGLang insert; the request's lock moves onto each
+        inserted node. One pass (block admission, a state slot free for every
+        checkpoint, so nothing is evicted meanwhile): each insert after the first
+        resumes SGLang's insert walk at the node the previous one ended at
+        (:meth:`_insert_below`) instead of walking again from the root, and the
+        lock moves once, at the end — O(path + blocks) per request instead of
+        O(path x blocks). ``self.one_pass = False`` keeps the insert-per-checkpoint
+        path (the reference the tests compare one pass with)."""
         cache = self.cache
-        for cp in self.admission.plan(len(input_ids), committed, hit, match.full_kv_hit_length):
+        plan = self.admission.plan(len(input_ids), committed, hit, match.full_kv_hit_length)
+        one_pass = (self.one_pass and isinstance(self.admission, BlockAdmission) and len(plan) > 1
+                    and self._can_resume_insert() and self.built.mamba_allocator.available_size() >= len(plan))
+        prev = None  # (node id, length) of the previous checkpoint, in one pass
+        for cp in plan:
             slot = self._alloc_state()
             params = InsertParams(
                 key=_key(tokens[: cp.position]),
@@ -195,7 +211,7 @@ class CacheDriver:
             params.marconi_reason = cp.reason
             if cp.reason is AdmissionReason.LAST_TOKEN:
                 params.marconi_output_ids = tokens[len(input_ids):]
-            res = cache.insert(params)
+            res = cache.insert(params) if prev is None else self._insert_below(*prev, params)
             if res.prefix_len > held.protected:
                 # The tree already had these tokens and freed our copies: use its own.
                 row[held.protected : res.prefix_len] = cache.path_device_indices(res.last_device_node)[
@@ -205,9 +221,53 @@ class CacheDriver:
                 self.built.mamba_allocator.free(slot)
             held.protected = max(held.protected, cp.position)
             result.checkpoints.append((cp.position, cp.reason.value, not res.mamba_exist))
-            new_lock = cache.inc_lock_ref(res.last_device_node)
-            cache.dec_lock_ref(held.node, held.lock.to_dec_params())
-            held.node, held.lock = res.last_device_node, new_lock
+            if one_pass:
+                prev = (res.last_device_node, cp.position)
+            else:
+                self._move_lock(held, res.last_device_node)
+        if prev is not None:
+            self._move_lock(held, prev[0])
+
+    def _move_lock(self, held: _Held, node) -> None:
+        new_lock = self.cache.inc_lock_ref(node)
+        self.cache.dec_lock_ref(held.node, held.lock.to_dec_params())
+        held.node, held.lock = node, new_lock
+
+    def _can_resume_insert(self) -> bool:
+        """Whether :meth:`_insert_below` applies: SGLang's Python tree core, page
+        size 1, no host/buffer pipeline, no per-path state cap (whose eviction
+        would run inside the insert)."""
+        core = getattr(self.cache, "tree_core", None)
+        return (self.can_peek() and core.page_size == 1 and getattr(self.cache, "buffer_pipeline", None) is None
+                and getattr(self.cache.components[_mamba_ct()], "mamba_max_states_per_path", -1) < 0)
+
+    def _insert_below(self, node_id, start: int, params: InsertParams):
+        """``cache.insert(params)`` whose key extends the path to ``node_id``
+        (``start`` tokens, inserted by this request): SGLang's own insert walk
+        (``UnifiedTreeCore``'s resumable insert and ``UnifiedRadixCache.insert``'s
+        action pump), started at that node instead of at the root. What it skips —
+        re-walking the path above — only restamps SGLang's ``last_access_time``
+        and hit counts, which neither eviction order here reads."""
+        from sglang.srt.mem_cache.base_prefix_cache import InsertResult
+        from sglang.srt.mem_cache.unified_cache.unified_tree_core import _InsertPhase, _InsertWalkState
+
+        cache = self.cache
+        core = cache.tree_core
+        key = params.key[start:]
+        core._ongoing_insert_walk_state = _InsertWalkState(
+            phase=_InsertPhase.WALK, node=core.node_by_id(node_id), key=key, value=params.value[start:],
+            params=params, priority=params.priority or 0, result=InsertResult(prefix_len=0),
+            total_prefix_length=start,
+        )
+        try:
+            step = core._advance_insert()
+            while True:
+                cache._apply_cache_actions(step.actions)
+                if step.result is not None:
+                    return step.result
+                step = core.resume_insert()
+        finally:
+            cache._apply_cache_actions(core.end_insert())
 
     # -- read-only probes -------------------------------------------------------
     def can_peek(self) -> bool:
