@@ -17,7 +17,8 @@ def make_marconi():
     """make_marconi(kv_slots, mamba_slots, kv_budget=None, state_budget=None, **config) -> (built, driver).
 
     Config defaults here: alpha 0, utility_form "sum", inline tuner, input_state,
-    tombstones_first, superseded_first and ended_first false, tombstones_spare_fork_hits off, end_labels "cache",
+    tombstones_first, superseded_first and ended_first false, bytes freed counted
+    as the node's own KV (the α utility's hand-computed cases; the value rule keeps its default), tombstones_spare_fork_hits off, end_labels "cache",
     the superseded share counted from the root at 0.5 (the base rules the hand-computed tests spell out)."""
     from sglang_marconi.policy import builtin_profile, parse_config
     from sglang_marconi.sglang_backend.driver import CacheDriver
@@ -39,7 +40,9 @@ def make_marconi():
         config.setdefault("superseded_share_from", "root")
         config.setdefault("superseded_min_shared", 0.5)
         config.setdefault("end_labels", "cache")  # tests of the sequence labels say so
-        config.setdefault("utility_form", "sum")  # recency / α utility; the default's leader is tested on its own
+        config.setdefault("utility_form", "sum")  # recency / α utility; the default's value rule: test_value_order.py
+        if config["utility_form"] != "value":  # the α utility's hand-computed bytes: the node's own KV
+            config.setdefault("value_bytes", "own")
         config.setdefault("tuner", "inline")
         cfg = parse_config(config)
         prof = builtin_profile(profile) if isinstance(profile, str) else profile
