@@ -17,7 +17,12 @@ Routers (``ROUTERS``):
   chosen replica. ``SMG`` holds the defaults; ``docs/replicas.md`` says where each comes from.
 * ``state_aware`` — the same rule, the matched length of each replica being the hit it would
   really give: the deepest stored SSM state on the request's prefix in that replica's cache
-  (``CacheDriver.peek_hit``, a read-only walk).
+  (``CacheDriver.peek_hit``, a read-only walk). When no replica's hit clears the threshold,
+  SMG's tree decides as in ``cache_aware``: a request that shares KV but no state with a
+  replica is sent there all the same, where Marconi checkpoints the branch point it creates
+  (the state the next request on that prefix hits).
+* ``state_only`` — the real hits alone: a request no replica can resume goes to the
+  least-loaded replica (the ablation of ``state_aware``'s fallback to the tree).
 
 Load is what SMG counts: requests in flight per replica. A request is in flight from its
 arrival for its modeled service time: the replay's TTFT model (a + b · uncached tokens) plus
@@ -32,7 +37,7 @@ import math
 import random
 from typing import Optional, Sequence
 
-ROUTERS = ("round_robin", "cache_aware", "state_aware")
+ROUTERS = ("round_robin", "cache_aware", "state_aware", "state_only")
 TPOT_MS = 20.0  #: modeled decode time per output token (only sets how long a request counts as load)
 
 
@@ -226,19 +231,26 @@ class Fleet:
         self.spills = 0
         self.affinity = 0  # requests routed by a match above the cache threshold
         self.rng = random.Random(opts.seed)
-        self.tree = ApproxTree(opts.smg.block_size, opts.smg.max_tree_size) if opts.router == "cache_aware" else None
+        use_tree = opts.router in ("cache_aware", "state_aware")
+        self.tree = ApproxTree(opts.smg.block_size, opts.smg.max_tree_size) if use_tree else None
+        self.state_routed = 0  # state_aware: requests routed by a real hit above the threshold
 
     # -- the SMG rule -----------------------------------------------------------
+    def _holders(self, prompt: tuple) -> tuple[int, set]:
+        """(matched tokens, the replicas that hold them) by this router's score."""
+        if self.opts.router != "cache_aware":  # the hit each replica would really give
+            hits = [d.peek_hit(prompt[:-1]) for d in self.drivers]
+            best = max(hits)
+            if self.tree is None or best / len(prompt) > self.opts.smg.cache_threshold:
+                self.state_routed += self.tree is not None
+                return best, ({i for i, h in enumerate(hits) if h == best} if best else set())
+        return self.tree.match(prompt)
+
     def _select(self, prompt: tuple, loads: list[int]) -> int:
         smg = self.opts.smg
         n = len(loads)
         min_idx = min(range(n), key=lambda i: (loads[i], self.processed[i], i))
-        if self.tree is not None:
-            matched, holders = self.tree.match(prompt)
-        else:  # state_aware: the hit each replica would give
-            hits = [d.peek_hit(prompt[:-1]) for d in self.drivers]
-            matched = max(hits)
-            holders = {i for i, h in enumerate(hits) if h == matched} if matched else set()
+        matched, holders = self._holders(prompt)
         if not prompt or matched / len(prompt) <= smg.cache_threshold or not holders:
             return min_idx
         self.affinity += 1
@@ -303,6 +315,8 @@ class Fleet:
             m["spilled"] = self.spills
         if self.tree is not None:
             m["approx_tree_tokens"] = self.tree.size
+        if self.opts.router == "state_aware":
+            m["state_routed"] = self.state_routed
         return m
 
     def close(self) -> None:
