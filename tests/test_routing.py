@@ -120,3 +120,29 @@ def test_option_errors_are_one_line(tmp_path, capsys, args, message):
     assert main(["--trace", trace, "--no-progress", "--policies", "marconi", *BIG, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("router, chosen", [("kv_events", 0), ("state_events", 1), ("state_aware", 1),
+                                            ("state_only", 1)])
+def test_kv_prefix_is_not_a_hit(router, chosen):
+    """Replica 0 holds the longer KV prefix of the prompt with no state on it; replica 1 a
+    shorter one ending in a state (the branch point two requests made). Scoring KV (what
+    SGLang's KV events tell SMG) picks replica 0, where the hit is 0; scoring states picks 1."""
+    from sglang_marconi.replay.policies import Budget, PolicyOptions, TraceShape
+    from sglang_marconi.replay.routing import FleetOptions, build_fleet
+    from sglang_marconi.sglang_backend.factory import resolve_profile
+
+    fleet, _, _ = build_fleet(FleetOptions(2, router), "marconi", resolve_profile("paper-7b"),
+                              Budget(kv_gb=2, ssm_gb=2), TraceShape(longest=200, requests=10, stream_tokens=2000),
+                              PolicyOptions(), 17.8, 0.053)
+    try:
+        a, x, c = toks(0, 40), toks(100, 20), [7, 7, 7]
+        fleet.drivers[0].run(a + x, c)  # states at the input's end and after the reply (60, 62)
+        fleet.drivers[1].run(a + toks(200, 20), c)
+        fleet.drivers[1].run(a + toks(300, 20), c)  # branches at 40: Marconi checkpoints it
+        prompt = tuple(a + x[:10] + toks(400, 10))
+        assert [d.peek_hit(prompt, kv=True) for d in fleet.drivers] == [50, 40]
+        assert [d.peek_hit(prompt[:-1]) for d in fleet.drivers] == [0, 40]
+        assert fleet._select(prompt, [0, 0]) == chosen
+    finally:
+        fleet.close()

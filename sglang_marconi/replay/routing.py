@@ -23,6 +23,13 @@ Routers (``ROUTERS``):
   (the state the next request on that prefix hits).
 * ``state_only`` — the real hits alone: a request no replica can resume goes to the
   least-loaded replica (the ablation of ``state_aware``'s fallback to the tree).
+* ``kv_events`` — SMG's event-driven mode (gRPC workers publishing KV cache events, its
+  ``PositionalIndexer``): the replica with the longest cached KV prefix of the prompt wins
+  (any overlap, no threshold; ties: lower load, then random), spill gate as above, no overlap:
+  the least-loaded replica. The overlap is each replica's real KV prefix
+  (``peek_hit(kv=True)``): what SGLang's stock KV events of a Marconi replica tell SMG.
+* ``state_events`` — the same event-driven rule, the overlap being the real state hit: what a
+  replica publishing only resumable prefixes (a stored state and the KV under it) would tell it.
 
 Load is what SMG counts: requests in flight per replica. A request is in flight from its
 arrival for its modeled service time: the replay's TTFT model (a + b · uncached tokens) plus
@@ -37,7 +44,9 @@ import math
 import random
 from typing import Optional, Sequence
 
-ROUTERS = ("round_robin", "cache_aware", "state_aware", "state_only")
+ROUTERS = ("round_robin", "cache_aware", "state_aware", "state_only", "kv_events", "state_events")
+#: SMG's event-driven mode: the replica with the largest overlap (> 0, no threshold) wins
+EVENT_ROUTERS = ("kv_events", "state_events")
 TPOT_MS = 20.0  #: modeled decode time per output token (only sets how long a request counts as load)
 
 
@@ -238,20 +247,27 @@ class Fleet:
     # -- the SMG rule -----------------------------------------------------------
     def _holders(self, prompt: tuple) -> tuple[int, set]:
         """(matched tokens, the replicas that hold them) by this router's score."""
-        if self.opts.router != "cache_aware":  # the hit each replica would really give
+        router = self.opts.router
+        if router == "cache_aware":
+            return self.tree.match(prompt)
+        if router == "kv_events":
+            hits = [d.peek_hit(prompt, kv=True) for d in self.drivers]
+        else:  # the hit each replica would really give
             hits = [d.peek_hit(prompt[:-1]) for d in self.drivers]
-            best = max(hits)
-            if self.tree is None or best / len(prompt) > self.opts.smg.cache_threshold:
-                self.state_routed += self.tree is not None
-                return best, ({i for i, h in enumerate(hits) if h == best} if best else set())
-        return self.tree.match(prompt)
+        best = max(hits)
+        if router == "state_aware":
+            if best / len(prompt) <= self.opts.smg.cache_threshold:
+                return self.tree.match(prompt)  # no replica can resume it: SMG's tree decides
+            self.state_routed += 1
+        return best, ({i for i, h in enumerate(hits) if h == best} if best else set())
 
     def _select(self, prompt: tuple, loads: list[int]) -> int:
         smg = self.opts.smg
         n = len(loads)
         min_idx = min(range(n), key=lambda i: (loads[i], self.processed[i], i))
         matched, holders = self._holders(prompt)
-        if not prompt or matched / len(prompt) <= smg.cache_threshold or not holders:
+        threshold = 0.0 if self.opts.router in EVENT_ROUTERS else smg.cache_threshold
+        if not prompt or matched / len(prompt) <= threshold or not holders:
             return min_idx
         self.affinity += 1
         low = min(loads[i] for i in holders)
@@ -330,8 +346,8 @@ def build_fleet(opts: FleetOptions, policy: str, profile, budget, shape, popts, 
     """(fleet, fleet, info of replica 0): ``opts.replicas`` caches of ``policy`` at ``budget`` each."""
     from .policies import build_policy, close
 
-    if opts.router == "state_aware" and policy == "sglang":
-        raise RoutingError("--router state_aware walks each replica's tree; SGLang's Rust tree core exposes none")
+    if opts.router not in ("round_robin", "cache_aware") and policy == "sglang":
+        raise RoutingError(f"--router {opts.router} walks each replica's tree; SGLang's Rust tree core exposes none")
     replicas: list = []
     try:
         for _ in range(opts.replicas):
