@@ -115,14 +115,18 @@ class Cluster:
             list(ex.map(lambda p: p.stop(), procs))
 
 
-def start_cluster(model_path, replicas: int, policy: str = "cache_aware", log_dir: Optional[Path] = None,
-                  port: Optional[int] = None, server_extra: Sequence[str] = (), gateway_extra: Sequence[str] = (),
-                  ready_timeout: float = 300.0) -> Cluster:
-    """Start ``replicas`` Marconi servers at once, then the gateway; on any failure stop what started."""
+def check_options(replicas: int, policy: str) -> None:
     if replicas < 1:
         raise ClusterError(f"--replicas must be >= 1, got {replicas}")
     if policy not in GATEWAY_POLICIES:
         raise ClusterError(f"--router: unknown gateway policy {policy!r} (known: {', '.join(GATEWAY_POLICIES)})")
+
+
+def start_cluster(model_path, replicas: int, policy: str = "cache_aware", log_dir: Optional[Path] = None,
+                  port: Optional[int] = None, server_extra: Sequence[str] = (), gateway_extra: Sequence[str] = (),
+                  ready_timeout: float = 300.0) -> Cluster:
+    """Start ``replicas`` Marconi servers at once, then the gateway; on any failure stop what started."""
+    check_options(replicas, policy)
     import importlib.util
 
     if importlib.util.find_spec("smg") is None:
@@ -281,12 +285,10 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=3, help="--smoke: sessions at once (default 3)")
     ap.add_argument("--json", help="--smoke: write the summary here")
     a, server_extra = ap.parse_known_args(argv)
-    if a.replicas < 1:
-        print(f"error: --replicas must be >= 1, got {a.replicas}", file=sys.stderr)
-        return 2
-    if a.router not in GATEWAY_POLICIES:
-        print(f"error: --router: unknown gateway policy {a.router!r} (known: {', '.join(GATEWAY_POLICIES)})",
-              file=sys.stderr)
+    try:
+        check_options(a.replicas, a.router)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if not launch.plugin_installed():
         print(f"error: the sglang.srt.plugins entry point {launch.ENTRY_POINT_VALUE!r} is not installed",

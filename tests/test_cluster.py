@@ -107,3 +107,13 @@ def test_a_replica_that_dies_is_reported_and_the_other_keeps_serving(started, to
         time.sleep(1)
     assert results and all(r.error is None for r in results), [r.error for r in results]
     assert {r.worker for r in results} == {survivor.url}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--replicas", "0"], "--replicas must be >= 1, got 0"),
+    (["--router", "bogus"], "--router: unknown gateway policy 'bogus'"),
+])
+def test_cluster_option_errors_are_one_line(capsys, args, message):
+    assert cl.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
