@@ -101,7 +101,7 @@ def build_json(args, trace, profile, results, inf: Optional[dict], *, timing: bo
 
 
 def _budget_key(m: dict):
-    return (m.get("kv_gb"), m.get("ssm_gb"), m.get("cache_gb"))
+    return (m.get("kv_gb"), m.get("ssm_gb"), m.get("cache_gb"), m.get("router"))
 
 
 def ratios(runs: list) -> list:
@@ -117,6 +117,8 @@ def ratios(runs: list) -> list:
             if not (name == "marconi" or name.startswith("marconi:")):
                 continue
             row = {"policy": name, "kv_gb": key[0], "ssm_gb": key[1], "cache_gb": key[2], "frac": mc.get("frac")}
+            if key[3] is not None:
+                row["router"] = key[3]
             for base in ("sglang", "lru", "vllm"):
                 if base in pol:
                     bh = pol[base]["token_hit_rate"]
@@ -158,9 +160,13 @@ def print_table(console, doc: dict, results) -> None:
     tm = doc["ttft_model"]
     table = Table(title=f"TTFT model {tm['a_ms']} ms + {tm['b_ms_per_token']} ms/uncached token "
                         f"(no cache: p50 {tm['no_cache_p50_ms']:.0f} ms, p95 {tm['no_cache_p95_ms']:.0f} ms)")
-    for col, j in (("budget", "left"), ("policy", "left"), ("token hit", "right"), ("SSM hits", "right"),
-                   ("states/req", "right"), ("evicted states", "right"), ("FLOPs saved", "right"),
-                   ("TTFT p50 ms", "right"), ("TTFT p95 ms", "right"), ("replay req/s", "right")):
+    fleet = any("replicas" in r.metrics for r in results)
+    cols = [("budget", "left"), ("policy", "left"), ("token hit", "right")]
+    if fleet:  # --replicas: each replica's budget; load = max ÷ mean over replicas (requests / input tokens)
+        cols += [("replicas × router", "left"), ("load max÷mean req / tok", "right")]
+    cols += [("SSM hits", "right"), ("states/req", "right"), ("evicted states", "right"), ("FLOPs saved", "right"),
+             ("TTFT p50 ms", "right"), ("TTFT p95 ms", "right"), ("replay req/s", "right")]
+    for col, j in cols:
         table.add_column(col, justify=j)
     prev = None
     for r in results:
@@ -170,8 +176,13 @@ def print_table(console, doc: dict, results) -> None:
             table.add_section()
         prev = label
         rps = m.get("replay_requests_per_s")
+        extra = []
+        if fleet:
+            extra = (["1 (one cache)", "-"] if "replicas" not in m else
+                     [f"{m['replicas']} × {m['router']}",
+                      f"{m['load_balance_requests']:.2f} / {m['load_balance_input_tokens']:.2f}"])
         table.add_row(
-            label, m["policy"], f"{m['token_hit_rate']:.2%}", f"{m['ssm_hits']}/{m['requests']}",
+            label, m["policy"], f"{m['token_hit_rate']:.2%}", *extra, f"{m['ssm_hits']}/{m['requests']}",
             f"{m['states_admitted_per_request']:.2f}", f"{m['evictions']:,}", f"{m['flops_saved']:.3e}",
             f"{m['ttft_p50_ms']:.1f}", f"{m['ttft_p95_ms']:.1f}", "-" if rps is None else f"{rps:,.0f}",
         )
@@ -183,6 +194,10 @@ def print_table(console, doc: dict, results) -> None:
                  if f"hit_rate_vs_{b}" in row]
         p95 = [f"P95 TTFT vs {b} {-row[f'p95_ttft_reduction_vs_{b}']:+.1%}" for b in ("sglang", "lru", "vllm")
                if row.get(f"p95_ttft_reduction_vs_{b}") is not None]
+        if not parts:
+            continue
+        if "router" in row:
+            budget += f" × {row['router']}"
         console.print(f"{budget}: token hit rate " + ", ".join(parts) + ("; " + ", ".join(p95) if p95 else ""))
     _print_live_ceiling(console, results)
 

@@ -21,9 +21,11 @@ from typing import Callable, Optional, Sequence
 
 from .bounds import LiveHitProbe, session_next_use
 from .loaders import SWE_ARRIVALS, LoadOptions, Trace, TraceError, load_trace, source_defaults_help
+from . import routing
 from .policies import (
     MARCONI_DEFAULT_CONFIG, POLICIES, Budget, PolicyError, PolicyOptions, TraceShape, build_policy, close,
 )
+from .routing import FleetOptions, RoutingError, build_fleet
 
 DEFAULT_POLICIES = ("marconi", "sglang", "lru", "vllm", "infinite")
 DEFAULT_FRAC = 0.1
@@ -86,10 +88,14 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
                popts: PolicyOptions = PolicyOptions(), ttft_a_ms: float = TTFT_A_MS, ttft_b_ms: float = TTFT_B_MS,
-               progress: Optional[Callable[[int], None]] = None) -> RunResult:
+               progress: Optional[Callable[[int], None]] = None, fleet: Optional[FleetOptions] = None) -> RunResult:
     shape = TraceShape(longest=trace.longest, requests=len(trace.requests), stream_tokens=trace.stream_tokens())
-    built, drv, info = build_policy(policy, profile, budget, shape, popts)
-    counter = _EvictionCounter(drv)
+    if fleet is not None:  # --replicas: N caches behind a router (replay.routing)
+        built, drv, info = build_fleet(fleet, policy, profile, budget, shape, popts, ttft_a_ms, ttft_b_ms)
+        counter = drv.counter
+    else:
+        built, drv, info = build_policy(policy, profile, budget, shape, popts)
+        counter = _EvictionCounter(drv)
     hit_tokens = input_tokens = ssm_hits = states = 0
     flops = 0.0
     ttft: list[float] = []
@@ -104,7 +110,7 @@ def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
                 oracle_state.ending_oracle = next_use[i] == len(trace.requests)
             if probe is not None:
                 probe.before(i, drv.peek_hit)
-            res = drv.run(r.prompt_ids, r.completion_ids)
+            res = drv.route(r) if fleet is not None else drv.run(r.prompt_ids, r.completion_ids)
             if probe is not None:
                 probe.after(i)
             hits.append(res.hit_len)
@@ -149,12 +155,14 @@ def replay_one(trace: Trace, policy: str, profile, budget: Optional[Budget], *,
         }
         if probe is not None:
             m.update(probe.summary())
+        if fleet is not None:
+            m.update(drv.metrics())
         if st is not None and (policy == "marconi" or policy.startswith("marconi:")):
             m["alpha"] = st.alpha
             m["alpha_tunings"] = len(st.tuner.events) if st.tuner is not None else 0
         return RunResult(policy, budget, m, ttft, info, hits)
     finally:
-        close(built)
+        drv.close() if fleet is not None else close(built)
 
 
 def _live_probe(trace: Trace, profile, budget: Optional[Budget], info: dict, every: int, drv):
@@ -189,7 +197,7 @@ def _job_run(idx: int, policy: str, budget: Optional[Budget]) -> RunResult:
     q = s.get("queue")
     prog = (lambda done: q.put((idx, done))) if q is not None else None
     return replay_one(s["trace"], policy, s["profile"], budget, popts=s["popts"], ttft_a_ms=s["a"],
-                      ttft_b_ms=s["b"], progress=prog)
+                      ttft_b_ms=s["b"], progress=prog, fleet=s.get("fleet"))
 
 
 def _preload() -> None:
@@ -199,19 +207,20 @@ def _preload() -> None:
 
 
 def run_jobs(trace: Trace, profile, jobs: list[tuple[str, Optional[Budget]]], *, popts: PolicyOptions,
-             ttft_a_ms: float, ttft_b_ms: float, workers: int = 1, progress=None) -> list[RunResult]:
+             ttft_a_ms: float, ttft_b_ms: float, workers: int = 1, progress=None,
+             fleet: Optional[FleetOptions] = None) -> list[RunResult]:
     """Replay every (policy, budget) job; results in job order (independent of ``workers``).
 
     ``progress(job_index, done_requests)``. With ``workers > 1`` the jobs run in
     forked processes that share the loaded trace (each job is deterministic on
     its own, so the results do not depend on the scheduling).
     """
-    _JOB_STATE.update(trace=trace, profile=profile, popts=popts, a=ttft_a_ms, b=ttft_b_ms)
+    _JOB_STATE.update(trace=trace, profile=profile, popts=popts, a=ttft_a_ms, b=ttft_b_ms, fleet=fleet)
     results: list[Optional[RunResult]] = [None] * len(jobs)
     if workers <= 1 or len(jobs) <= 1:
         for i, (p, b) in enumerate(jobs):
             results[i] = replay_one(trace, p, profile, b, popts=popts, ttft_a_ms=ttft_a_ms, ttft_b_ms=ttft_b_ms,
-                                    progress=(lambda d, i=i: progress(i, d)) if progress else None)
+                                    progress=(lambda d, i=i: progress(i, d)) if progress else None, fleet=fleet)
         return results  # type: ignore[return-value]
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -389,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "policy's cache and the most any cache of the budget could hold (meaningful with "
                         "i.i.d. exponential turn gaps; see replay.bounds); default off")
     p.add_argument("--sglang-grid", type=int, help="sglang checkpoint grid (default: the cache's mamba_checkpoint_grid)")
+    routing.add_arguments(ap)
     o = ap.add_argument_group("output")
     o.add_argument("--ttft-a-ms", type=float, default=TTFT_A_MS, help=f"TTFT model a (default {TTFT_A_MS} ms)")
     o.add_argument("--ttft-b-ms", type=float, default=TTFT_B_MS,
@@ -473,6 +483,7 @@ def run(args, *, console=None) -> dict:
         raise ReplayError(f"--model: {str(e).removeprefix('marconi config: ')}") from None
     if args.live_ceiling < 0:
         raise ReplayError(f"--live-ceiling must be an integer >= 1 (0: off), got {args.live_ceiling}")
+    fleets = routing.fleet_options(args)
     if args.end_oracle and not any(p == "marconi" or p.startswith("marconi:") for p in policies):
         raise ReplayError(f"--end-oracle acts on marconi policies only; --policies {args.policies!r} has none")
     if args.single_budget and "sglang" in policies:
@@ -509,8 +520,12 @@ def run(args, *, console=None) -> dict:
             inf = infinite_tree(inf_result, profile)
         budgets = resolve_budgets(args, inf)
         jobs = [(p, b) for b in budgets for p in policies if p != "infinite"]
-        base = ui.add_jobs([f"{p} @ {b.label()}" for p, b in jobs], len(trace.requests))
-        results = run_jobs(trace, profile, jobs, workers=max(1, args.jobs), progress=ui.job_progress(base), **common)
+        results = []
+        for fleet in fleets:  # one pass per --router (a single pass, fleet None, without --replicas)
+            tag = "" if fleet is None else f" ×{fleet.replicas} {fleet.router}"
+            base = ui.add_jobs([f"{p}{tag} @ {b.label()}" for p, b in jobs], len(trace.requests))
+            results += run_jobs(trace, profile, jobs, workers=max(1, args.jobs), progress=ui.job_progress(base),
+                                fleet=fleet, **common)
     if inf_result is not None and "infinite" in policies:
         results.append(inf_result)
     doc = report.build_json(args, trace, profile, results, inf, timing=not args.no_timing)
@@ -536,7 +551,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
     try:
         out = run(args, console=Console(stderr=True))
-    except (TraceError, ReplayError, PolicyError) as e:
+    except (TraceError, ReplayError, PolicyError, RoutingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report.print_table(console, out["doc"], out["results"])

@@ -278,11 +278,13 @@ class CacheDriver:
         except (AttributeError, NotImplementedError):
             return False
 
-    def peek_hit(self, tokens: Sequence[int]) -> int:
+    def peek_hit(self, tokens: Sequence[int], kv: bool = False) -> int:
         """What a request whose matchable prompt is ``tokens`` would hit now:
         the end of the deepest node on its path with KV all the way and an SSM
         state of its own. Walks the tree without splitting a node or touching a
-        recency stamp (``match_prefix`` does both), so probing changes nothing."""
+        recency stamp (``match_prefix`` does both), so probing changes nothing.
+        ``kv``: the cached KV prefix instead, state or not (what SGLang's KV
+        cache events tell a router about this cache)."""
         from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
         core = self.cache.tree_core
@@ -298,10 +300,11 @@ class CacheDriver:
                 break
             matched = child.key.match_at(key, pos, page_size=core.page_size)
             if matched < len(child.key):
-                break  # a state sits at a node's end only
+                hit = pos + matched if kv else hit  # a state sits at a node's end only
+                break
             pos += matched
             node = child
-            if child.component_data[mamba].value is not None:
+            if kv or child.component_data[mamba].value is not None:
                 hit = pos
         return hit
 

@@ -1,0 +1,119 @@
+"""Two Marconi replicas behind SGLang's model gateway (SMG), live on this CPU
+(``python -m sglang_marconi.cluster``): the scripted sessions (shared system prompts,
+multi-turn with the replies fed back, branches) through the gateway fail nothing, reach both
+replicas, hit cached states, and give the same greedy tokens as one ``--disable-radix-cache``
+server; a replica that dies is reported in one line and the other keeps serving.
+
+Skipped (with the reason) without the server requirements, the plugin entry point or smg.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sglang_marconi import cluster as cl
+from sglang_marconi.cpu_serving import launch
+
+from test_live_marconi import _skip_reason
+
+SESSIONS = 4  # two per system prompt
+TURNS = 2
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    reason = _skip_reason() or (None if importlib.util.find_spec("smg") else "smg (the gateway) is not installed")
+    if reason:
+        pytest.skip(reason)
+    from sglang_marconi.cpu_serving.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("tiny-nemotron-h"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model))
+
+
+@pytest.fixture(scope="module")
+def started(model, tmp_path_factory):
+    """The cluster (2 replicas + gateway) and the reference server, started at once."""
+    logs = tmp_path_factory.mktemp("cluster-logs")
+    with ThreadPoolExecutor(2) as ex:
+        fc = ex.submit(cl.start_cluster, model, 2, "cache_aware", logs)
+        fr = ex.submit(launch.start_server, model, log_path=logs / "reference.log", ready_timeout=300,
+                       extra=["--dtype", "float32", "--disable-radix-cache", "--max-total-tokens", "16384"])
+        out = []
+        errors = []
+        for f in (fc, fr):
+            try:
+                out.append(f.result())
+            except Exception as e:  # noqa: BLE001 - stop whatever did start, then fail
+                errors.append(e)
+    if errors:
+        for x in out:
+            x.stop()
+        raise errors[0]
+    cluster, ref = out
+    try:
+        yield cluster, ref
+    finally:
+        cluster.stop()
+        ref.stop()
+        for p in [cluster.gateway.proc, ref.proc] + [s.proc for s in cluster.replicas]:
+            assert p.poll() is not None
+
+
+def test_two_replicas_serve_the_sessions_with_hits_and_the_reference_outputs(started, tok):
+    cluster, ref = started
+    scripts = cl.smoke_workload(SESSIONS, TURNS)
+    got = cl.run_workload(cluster.url, tok, scripts)
+    summary = cl.summarize(got, [s.url for s in cluster.replicas])
+    assert summary["failed"] == 0, [r.error for r in got if r.error]
+    assert summary["requests"] == SESSIONS * (TURNS + len(cl.BRANCHES))
+    assert all(n > 0 for n in summary["per_replica"].values()), summary
+    assert summary["cached_tokens"] > 0, summary
+    # a session's later requests stay where its first ran (SMG's tree holds its prefix)
+    by_session: dict = {}
+    for r in got:
+        by_session.setdefault(r.label.split("-")[0], set()).add(r.worker)
+    assert all(len(w) == 1 for w in by_session.values()), by_session
+    expected = {r.label: r for r in cl.run_workload(ref.url, tok, scripts)}
+    for r in got:
+        assert r.input_ids == expected[r.label].input_ids, r.label
+        assert r.output_ids == expected[r.label].output_ids, r.label
+        assert expected[r.label].cached_tokens == 0
+
+
+def test_a_replica_that_dies_is_reported_and_the_other_keeps_serving(started, tok):
+    cluster, _ = started
+    victim, survivor = cluster.replicas
+    victim.stop(timeout=10)
+    lines = cluster.dead()
+    assert lines == [f"replica {victim.url} exited with {victim.proc.returncode} (log: {victim.log_path})"]
+    # the gateway's health check (every 2 s, 2 failures) takes the dead replica out
+    deadline = time.monotonic() + 30
+    results = []
+    while time.monotonic() < deadline:
+        results = cl.run_workload(cluster.url, tok, cl.smoke_workload(2, 1))
+        if all(r.error is None for r in results):
+            break
+        time.sleep(1)
+    assert results and all(r.error is None for r in results), [r.error for r in results]
+    assert {r.worker for r in results} == {survivor.url}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--replicas", "0"], "--replicas must be >= 1, got 0"),
+    (["--router", "bogus"], "--router: unknown gateway policy 'bogus'"),
+])
+def test_cluster_option_errors_are_one_line(capsys, args, message):
+    assert cl.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
