@@ -335,12 +335,13 @@ def test_end_oracle_evicts_a_finished_session_before_a_live_one(tmp_path):
             ("b", b1 + cb + toks(8000, 5), toks(9000, 3))]
     trace = write_trace(tmp_path / "t.jsonl", reqs)
     kv_gb = repr(250 * builtin_profile("paper-7b").kv_bytes(1) / 1e9)
-    args = ("--policies", "marconi,lru", "--kv-gb", kv_gb, "--ssm-gb", "2", "--no-timing")
+    # the recency order with its marks (ended_first), a named experiment
+    args = ("--policies", "marconi:marks,lru", "--kv-gb", kv_gb, "--ssm-gb", "2", "--no-timing")
     learned = replay_json(tmp_path, trace, *args, name="learned.json")
     oracle = replay_json(tmp_path, trace, *args, "--end-oracle", name="oracle.json")
-    assert run_of(learned, "marconi")["hit_tokens"] == 0
-    assert run_of(oracle, "marconi")["hit_tokens"] == 109
-    assert run_of(oracle, "marconi")["kv_tokens_evicted"] == 109  # a's sequence only
+    assert run_of(learned, "marconi:marks")["hit_tokens"] == 0
+    assert run_of(oracle, "marconi:marks")["hit_tokens"] == 109
+    assert run_of(oracle, "marconi:marks")["kv_tokens_evicted"] == 109  # a's sequence only
     assert run_of(oracle, "lru")["hit_tokens"] == run_of(learned, "lru")["hit_tokens"] == 0
 
 
