@@ -10,8 +10,12 @@ The server command is SGLang's own, unmodified::
     SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=<sgl_kernel stand-in dir> \\
     python -m sglang.launch_server --model-path <tiny model> --device cpu \\
         --attention-backend torch_native --disable-cuda-graph --skip-server-warmup \\
-        --max-total-tokens 8192 --mamba-radix-cache-strategy no_buffer \\
+        --max-total-tokens 8192 --max-mamba-cache-size 128 \\
+        --mamba-radix-cache-strategy no_buffer \\
         --disable-overlap-schedule --page-size 1 --host 127.0.0.1 --port <port>
+
+Pool flags given later (``extra``, e.g. :data:`PRESSURE_POOL_FLAGS`) override these
+(argparse keeps the last occurrence).
 
 The Mamba2 CPU ops come in through the ``sglang.srt.plugins`` entry point
 (``sglang_marconi.cpu_serving:register``), which must be installed.
@@ -44,12 +48,22 @@ from .shim import server_env
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "sglang-marconi" / "tiny-nemotron-h"
 ENTRY_POINT_VALUE = "sglang_marconi.cpu_serving:register"
 
+#: Pool sizes of every server the project starts (tests, demo, load test, soak). Left
+#: unset, SGLang sizes the Mamba state pool from free RAM: 357,691 slots (5.5 GB) for the
+#: tiny model, so nothing is ever evicted. A state slot is 16 KB for the tiny model and
+#: about 2.4 MB for the load test's ``small`` preset; a KV token 128 B / 8 KB.
+POOL_FLAGS = ["--max-total-tokens", "8192", "--max-mamba-cache-size", "128"]
+#: Memory pressure (the soak and ``loadtest/run.py --pressure``): pools so small that SSM
+#: states and KV leaves are evicted on most requests. 24 state slots cap SGLang at 8
+#: running requests (3 slots each); 2,500 KV tokens hold a few conversations.
+PRESSURE_POOL_FLAGS = ["--max-total-tokens", "2500", "--max-mamba-cache-size", "24"]
+
 SERVER_FLAGS = [
     "--device", "cpu",
     "--attention-backend", "torch_native",
     "--disable-cuda-graph",
     "--skip-server-warmup",
-    "--max-total-tokens", "8192",
+    *POOL_FLAGS,
     "--mamba-radix-cache-strategy", "no_buffer",
     "--disable-overlap-schedule",
     "--page-size", "1",
