@@ -53,10 +53,12 @@ ENTRY_POINT_VALUE = "sglang_marconi.cpu_serving:register"
 #: tiny model, so nothing is ever evicted. A state slot is 16 KB for the tiny model and
 #: about 2.4 MB for the load test's ``small`` preset; a KV token 128 B / 8 KB.
 POOL_FLAGS = ["--max-total-tokens", "8192", "--max-mamba-cache-size", "128"]
-#: Memory pressure (the soak and ``loadtest/run.py --pressure``): pools so small that SSM
-#: states and KV leaves are evicted on most requests. 24 state slots cap SGLang at 8
-#: running requests (3 slots each); 2,500 KV tokens hold a few conversations.
-PRESSURE_POOL_FLAGS = ["--max-total-tokens", "2500", "--max-mamba-cache-size", "24"]
+#: Memory pressure (the soak, ``loadtest/run.py --pressure``, ``launch --pressure``): pools
+#: so small that SSM states and KV leaves are evicted on most requests. 16 state slots cap
+#: SGLang at 5 running requests (3 slots each); 800 KV tokens hold the shared prompts and
+#: about two conversations, fewer than six clients' requests in flight need (requests wait
+#: for room, SGLang evicts); the context is cut to the pool, so a longer input gets a 400.
+PRESSURE_POOL_FLAGS = ["--max-total-tokens", "800", "--max-mamba-cache-size", "16", "--context-length", "800"]
 
 SERVER_FLAGS = [
     "--device", "cpu",
@@ -307,6 +309,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-running", action="store_true")
     ap.add_argument("--log", default=None)
     ap.add_argument("--serve-only", action="store_true", help="skip the two-turn check; just serve")
+    ap.add_argument("--pressure", action="store_true",
+                    help="the soak's small pools (PRESSURE_POOL_FLAGS): evictions on most requests")
     ap.add_argument("--examples", default=None,
                     help="directory of SGLang frontend programs (examples/) to run against the server")
     # anything else goes to sglang.launch_server, e.g. --radix-cache-backend marconi --enable-metrics
@@ -326,7 +330,8 @@ def main(argv=None) -> int:
     model = build(a.model_dir)
     tok = AutoTokenizer.from_pretrained(str(model))
     t0 = time.monotonic()
-    srv = start_server(model, port=a.port or None, log_path=a.log, extra=server_extra)
+    srv = start_server(model, port=a.port or None, log_path=a.log,
+                       extra=(PRESSURE_POOL_FLAGS if a.pressure else []) + server_extra)
     print(f"server ready at {srv.url} in {time.monotonic() - t0:.1f}s (log: {srv.log_path})")
     try:
         if a.serve_only:
