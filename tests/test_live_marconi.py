@@ -405,3 +405,19 @@ def test_metrics_attach_without_server(caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("marconi: requests=")]
     assert len(lines) == 2 and "state_hits=3" in lines[-1] and "alpha=0.500" in lines[-1]
     assert metrics.snapshot(cache)["marconi_alpha"] == 0.5
+
+
+def test_soak_reads_evictions_and_durations_without_server():
+    """The soak's log reading: the share of finished requests during which a state or a
+    KV leaf was evicted (consecutive per-request lines only), and its duration parsing."""
+    from sglang_marconi.cpu_serving import soak
+
+    line = "marconi: requests={} matches=1 state_hits=0 hit_tokens=0 branch_checkpoints=0 last_token_checkpoints=1 " \
+           "input_end_checkpoints=0 state_evictions={} leaf_evictions={} evicted_tokens=0 alpha=0.000"
+    log = "\n".join(line.format(*t) for t in [(1, 0, 0), (2, 2, 0), (3, 2, 1), (4, 2, 1), (6, 5, 1)])
+    share = soak.eviction_share(log)
+    assert share["requests"] == 3  # 4 -> 6 skips a request: not counted
+    assert share["with_state_eviction"] == pytest.approx(1 / 3)
+    assert share["with_leaf_eviction"] == pytest.approx(1 / 3)
+    assert share["with_any_eviction"] == pytest.approx(2 / 3)
+    assert [soak.parse_duration(d) for d in ("90", "90s", "10m", "1h")] == [90, 90, 600, 3600]
