@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONWARNINGS ?= ignore
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench soak
 setup:
 	bash scripts/setup.sh
 
@@ -18,6 +18,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Live soak: the Marconi CPU server under memory pressure, 6 clients and faults
+# (docs/live-reliability.md); SOAK=10m for a longer one.
+SOAK ?= 60s
+soak: setup
+	$(PY) -m sglang_marconi.cpu_serving.soak --duration $(SOAK) --clients 6
 
 bench: setup
 	$(PY) -m sglang_marconi.bench_bookkeeping

@@ -6,10 +6,14 @@ backend, so ``--radix-cache-backend marconi`` works without editing SGLang's
 source. It also validates Marconi's knobs when SGLang checks the server
 arguments, before any process is spawned or a model is loaded: a bad
 ``--radix-eviction-policy-config`` stops start-up at once with one line naming
-the key.
+the key. And it rejects requests whose token ids lie outside the model's
+vocabulary with a 400 before they reach the scheduler (:mod:`.request_checks`;
+on CPU such an id would take the server down).
 """
 
 from __future__ import annotations
+
+import os
 
 BACKEND_NAME = "marconi"
 _HOOKED = False
@@ -73,6 +77,25 @@ def cut_prefill_at_branch_point(admission, adder, req, *args, **kwargs):
     return _PrefillAdmission(start, cut, 0, True, admission.replay_len)
 
 
+IDLE_POOLS_ENV = "MARCONI_LOG_IDLE_POOLS"
+_last_idle_pools = [None]
+
+
+def log_idle_pool_check(result, checker, *args, **kwargs):
+    """AFTER hook on SGLang's idle memory check (``SchedulerInvariantChecker._check_all_pools``,
+    run whenever the scheduler is idle): with ``MARCONI_LOG_IDLE_POOLS=1`` it logs SGLang's own
+    accounting — pool free counts against the tree's evictable and protected holdings — as one
+    line, each time it changes (the soak reads it back)."""
+    import logging
+
+    has_leak, messages = result
+    line = f"leak={bool(has_leak)}; " + "; ".join(m for m in messages if m)
+    if line != _last_idle_pools[0]:
+        _last_idle_pools[0] = line
+        logging.getLogger(__name__).info("marconi: idle pool check: %s", line)
+    return None
+
+
 def register() -> None:
     global _HOOKED
     from sglang.srt.mem_cache.registry import (
@@ -80,6 +103,7 @@ def register() -> None:
         register_radix_cache_backend,
     )
 
+    from . import request_checks
     from .sglang_backend.factory import marconi_factory
 
     if get_radix_cache_factory(BACKEND_NAME) is None:
@@ -93,4 +117,11 @@ def register() -> None:
             cut_prefill_at_branch_point,
             HookType.AFTER,
         )
+        HookRegistry.register(request_checks.TARGET, request_checks.check_input_ids, HookType.BEFORE)
+        if os.environ.get(IDLE_POOLS_ENV, "0") == "1":
+            HookRegistry.register(
+                "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._check_all_pools",
+                log_idle_pool_check,
+                HookType.AFTER,
+            )
         _HOOKED = True

@@ -250,6 +250,92 @@ def test_malformed_requests_get_errors_and_server_keeps_serving(servers, tok):
     assert srv.proc.poll() is None
 
 
+@pytest.mark.parametrize("name", ["marconi", "disabled"])
+def test_out_of_vocabulary_ids_get_400_and_server_keeps_serving(servers, model, name):
+    """An id >= the vocabulary or a negative one used to reach the embedding and kill the
+    scheduler (also with --disable-radix-cache); the plugin refuses it in the HTTP process."""
+    srv = servers[name]
+    vocab = 512
+    sp = {"max_new_tokens": 2}
+    cases = [
+        ("/generate", {"input_ids": [5, 6, vocab], "sampling_params": sp}, f"input_ids[2] = {vocab} is outside"),
+        ("/generate", {"input_ids": [5, -1], "sampling_params": sp}, "input_ids[1] = -1 is outside"),
+        ("/generate", {"input_ids": [[5, 6], [7, 8, 10 ** 6]], "sampling_params": sp}, "input_ids[2] = 1000000 is outside"),
+        ("/v1/completions", {"model": str(model), "prompt": [5, 9999], "max_tokens": 2}, "input_ids[1] = 9999 is outside"),
+        ("/generate", {"text": "", "sampling_params": sp}, "the input is empty"),
+    ]
+    for path, payload, reason in cases:
+        status, body = launch.post(srv, path, payload)
+        msg = body.get("message") or body.get("error", {}).get("message") if isinstance(body, dict) else body
+        assert status == 400 and msg.startswith(reason) and "\n" not in msg, (path, payload, status, body)
+    # streamed: the error is the stream's one event, with code 400
+    status, body = launch.post(srv, "/generate", {"input_ids": [5, vocab + 1], "stream": True, "sampling_params": sp})
+    assert status == 200 and '"code":400' in body and f"input_ids[1] = {vocab + 1} is outside" in body, body
+    assert len(launch.generate(srv, [5, 6, 7], max_new_tokens=NEW)["output_ids"]) == NEW
+    assert srv.proc.poll() is None
+
+
+def _assert_soak(report):
+    import json
+
+    print(json.dumps(report, indent=1, default=str))
+    assert report["alive"] and report["answers"], report
+    assert report["server_errors"] == 0, report["server_error_samples"]
+    assert report["malformed"] > 0 and report["malformed_not_4xx"] == [], report["malformed_not_4xx"]
+    assert report["tracebacks_in_log"] == 0 and report["leak_messages_in_log"] == 0
+    assert report["idle_pool_check"] and report["idle_pool_check"].startswith("leak=False"), report["idle_pool_check"]
+    assert [p["equal"] for p in report["probes"]] == [True, True] and report["probes"][1]["cached_tokens"] > 0
+    # a difference after a float32 near-tie of the reference's top two tokens is not wrong (soak.TIE_GAP)
+    assert report["replay"]["replayed"] > 0 and report["replay"]["wrong"] == 0, report["replay"]
+    assert report["metrics"]["marconi_state_evictions"] > 0 and report["metrics"]["marconi_leaf_evictions"] > 0
+    assert report["left_after_sigterm"] == [], report["left_after_sigterm"]
+    assert report["ok"]
+
+
+def test_soak_under_memory_pressure(servers, model, tmp_path):
+    """30 s (and at least 30 requests) of 6 clients (sessions over shared prompts, branches, hang-ups, time-outs,
+    aborts, flushes, malformed requests) on the pressure pools, default config; then the
+    checks of sglang_marconi.cpu_serving.soak, and SIGTERM leaves no process behind."""
+    from sglang_marconi.cpu_serving import soak
+
+    _assert_soak(soak.run_soak(model, duration=30, clients=6, log_dir=tmp_path, replay=10, ref=servers["disabled"],
+                               min_requests=30))
+
+
+PAPER_TUNER = '{"variant": "paper"}'
+
+
+def test_soak_survives_killing_the_tuner_process(servers, model, tmp_path):
+    """The paper's α tuner replays in a spawned process; SIGKILL it mid-soak: the server
+    keeps serving (α kept), logs one line, and every soak check still passes."""
+    from sglang_marconi.cpu_serving import soak
+
+    report = soak.run_soak(model, duration=30, clients=6, config=PAPER_TUNER, kill_background_at=5,
+                           log_dir=tmp_path, replay=10, ref=servers["disabled"], min_requests=30)
+    assert report["killed_background_pids"], "the tuner's process never started"
+    assert len(report["background_lines"]) == 1 and "tuner process died" in report["background_lines"][0]
+    _assert_soak(report)
+
+
+def test_sigterm_leaves_no_tuner_process_behind(model, tok, tmp_path):
+    """SIGTERM to the server's main process while the α tuner's process is alive."""
+    from sglang_marconi.cpu_serving import soak
+
+    srv = launch.start_server(model, log_path=tmp_path / "paper.log", ready_timeout=300, env=soak.SERVER_ENV,
+                              extra=COMMON + launch.PRESSURE_POOL_FLAGS + [
+                                  "--radix-cache-backend", "marconi", "--radix-eviction-policy-config", PAPER_TUNER])
+    try:
+        deadline = time.monotonic() + 240
+        i = 0
+        while not soak.background_pids(srv) and time.monotonic() < deadline:
+            launch.generate(srv, tok(f"{SYSTEM} user: question number {i} about caches")["input_ids"], max_new_tokens=4)
+            i += 1
+        assert soak.background_pids(srv), (i, srv.log_tail())
+        assert soak.sigterm_leftovers(srv) == []
+    finally:
+        srv.stop()
+
+
 def test_removed_key_refuses_to_start_and_says_what_replaced_it(model, tmp_path):
     r = launch.run_server_to_exit(
         model, extra=COMMON + ["--radix-cache-backend", "marconi", "--radix-eviction-policy-config",
@@ -302,3 +388,19 @@ def test_metrics_attach_without_server(caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("marconi: requests=")]
     assert len(lines) == 2 and "state_hits=3" in lines[-1] and "alpha=0.500" in lines[-1]
     assert metrics.snapshot(cache)["marconi_alpha"] == 0.5
+
+
+def test_soak_reads_evictions_and_durations_without_server():
+    """The soak's log reading: the share of finished requests during which a state or a
+    KV leaf was evicted (consecutive per-request lines only), and its duration parsing."""
+    from sglang_marconi.cpu_serving import soak
+
+    line = "marconi: requests={} matches=1 state_hits=0 hit_tokens=0 branch_checkpoints=0 last_token_checkpoints=1 " \
+           "input_end_checkpoints=0 state_evictions={} leaf_evictions={} evicted_tokens=0 alpha=0.000"
+    log = "\n".join(line.format(*t) for t in [(1, 0, 0), (2, 2, 0), (3, 2, 1), (4, 2, 1), (6, 5, 1)])
+    share = soak.eviction_share(log)
+    assert share["requests"] == 3  # 4 -> 6 skips a request: not counted
+    assert share["with_state_eviction"] == pytest.approx(1 / 3)
+    assert share["with_leaf_eviction"] == pytest.approx(1 / 3)
+    assert share["with_any_eviction"] == pytest.approx(2 / 3)
+    assert [soak.parse_duration(d) for d in ("90", "90s", "10m", "1h")] == [90, 90, 600, 3600]

@@ -95,13 +95,13 @@ def test_cli_flag_parses():
     ServerArgs.add_cli_args(parser)
     ns = parser.parse_args(
         ["--model-path", "dummy", "--radix-cache-backend", "marconi",
-         "--radix-eviction-policy-config", '{"alpha": 0.5, "window_multiplier": 3}']
+         "--radix-eviction-policy-config", '{"variant": "paper", "alpha": 0.5}']
     )
     assert ns.radix_cache_backend == "marconi"
-    from sglang_marconi.policy import parse_config
+    from sglang_marconi.policy.config import parse_server_config
 
-    cfg = parse_config(ns.radix_eviction_policy_config)
-    assert cfg.alpha == 0.5 and cfg.window_multiplier == 3
+    cfg = parse_server_config(ns.radix_eviction_policy_config)
+    assert cfg.alpha == 0.5 and cfg.variant == "paper"
 
 
 def test_create_tree_cache_builds_marconi(server_args_marconi):
@@ -111,7 +111,7 @@ def test_create_tree_cache_builds_marconi(server_args_marconi):
     from sglang_marconi.sglang_backend.components import MarconiFullComponent, MarconiMambaComponent
     from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
-    cache = create_tree_cache(_ctx(_params({"alpha": 0.7, "profile": "nemotron-h-8b"}), server_args_marconi))
+    cache = create_tree_cache(_ctx(_params({"variant": "paper", "alpha": 0.7, "profile": "nemotron-h-8b"}), server_args_marconi))
     assert isinstance(cache, MarconiRadixCache)
     assert isinstance(cache.components[ComponentType.FULL], MarconiFullComponent)
     assert isinstance(cache.components[ComponentType.MAMBA], MarconiMambaComponent)
@@ -125,7 +125,7 @@ def test_profile_defaults_to_served_model_config(server_args_marconi):
     from sglang_marconi.policy.cost_model import load_config_dict, PROFILES_DIR
 
     hf = load_config_dict(PROFILES_DIR / "nemotron-h-8b.json")
-    cache = create_tree_cache(_ctx(_params({"alpha": 0.0}), server_args_marconi, hf_config=hf))
+    cache = create_tree_cache(_ctx(_params({}), server_args_marconi, hf_config=hf))
     from sglang_marconi.policy import builtin_profile
 
     assert cache.marconi.profile.ssm_state_bytes() == builtin_profile("nemotron-h-8b").ssm_state_bytes()
@@ -135,14 +135,15 @@ def test_profile_defaults_to_served_model_config(server_args_marconi):
     "cfg, needle",
     [
         ({"alpah": 1}, "unknown key 'alpah'"),
-        ({"alpha": -1}, "alpha=-1"),
-        ({"window_multiplier": 0}, "window_multiplier=0"),
+        ({"variant": "paper", "alpha": -1}, "alpha=-1"),
+        ({"alpha": 0.5}, "alpha=0.5 weighs the paper's utility"),
+        ({"window_multiplier": 0}, "key 'window_multiplier' was removed"),
         ({"profile": "no-such-model"}, "profile='no-such-model'"),
         ({"branch_points": "nearby"}, "branch_points='nearby'"),
         ("{not json", "not valid JSON"),
-        ({"input_state": "yes"}, "input_state='yes'"),
-        ({"utility_form": "lhd"}, "utility_form='lhd'"),
-        ({"score_decay": 1.5}, "score_decay=1.5"),
+        ({"input_state": "yes"}, "key 'input_state' was removed"),
+        ({"utility_form": "lhd"}, "key 'utility_form' was removed"),
+        ({"variant": "paper", "tuner": "gpu"}, "tuner='gpu' must be one of"),
     ],
 )
 def test_bad_config_stops_startup_with_one_line(server_args_marconi, cfg, needle):

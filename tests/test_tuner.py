@@ -638,3 +638,46 @@ def test_score_windows_replays_several_recent_windows_in_one_run():
     assert fake.calls[-1]["window"] == [req(k) for k in range(3, 7)]
     assert fake.calls[-1]["warmup"] == [req(k) for k in range(1, 3)]
     assert len(fake.calls[0]["window"]) == 2  # not enough history yet: the last window only
+
+
+def _sleepy_replay(spec, warmup, window, alphas):  # module level: pickled into the tuner's process
+    import time
+
+    time.sleep(float(spec))
+    return {a: float(a == 0.5) for a in alphas}
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["killed-mid-replay", "killed-while-idle"])
+def test_killed_tuner_process_keeps_alpha_and_logs_one_line(busy, caplog):
+    """The tuner's worker process is SIGKILLed (mid-replay or between replays): the current
+    α stays, tuning stops, one warning line, and the caller (the scheduler) never raises."""
+    import logging
+    import os
+    import signal
+    import time
+
+    t = AlphaTuner(parse_config({"alpha": "auto", "tuner": "process", "alpha_grid": GRID, "window_multiplier": 1,
+                                 **PAPER_MECHANICS}), _sleepy_replay, spec="60" if busy else "0")
+    try:
+        with caplog.at_level(logging.INFO, logger="sglang_marconi.policy.tuner"):
+            feed(t, 0, 1)
+            t.on_eviction()
+            feed(t, 1, 1)  # the window is due: the replay starts in the spawned process
+            if not busy:
+                t.wait(timeout=120)
+                assert t.alpha == 0.5
+            pids = list(t._executor._processes)
+            assert len(pids) == 1
+            os.kill(pids[0], signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            n = 2
+            while t._executor is not None and time.monotonic() < deadline:
+                n = feed(t, n, 1)  # requests keep finishing; each polls
+                time.sleep(0.1)
+            n = feed(t, n, 5)  # windows come due again: no new job, no exception
+        died = [r for r in caplog.records if "tuner process died" in r.getMessage()]
+        assert len(died) == 1 and died[0].levelno == logging.WARNING and not died[0].exc_info
+        assert t._executor is None and t.next_tune_at is None
+        assert t.alpha == (0.0 if busy else 0.5)
+    finally:
+        t.close()

@@ -10,8 +10,12 @@ The server command is SGLang's own, unmodified::
     SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=<sgl_kernel stand-in dir> \\
     python -m sglang.launch_server --model-path <tiny model> --device cpu \\
         --attention-backend torch_native --disable-cuda-graph --skip-server-warmup \\
-        --max-total-tokens 8192 --mamba-radix-cache-strategy no_buffer \\
+        --max-total-tokens 8192 --max-mamba-cache-size 128 \\
+        --mamba-radix-cache-strategy no_buffer \\
         --disable-overlap-schedule --page-size 1 --host 127.0.0.1 --port <port>
+
+Pool flags given later (``extra``, e.g. :data:`PRESSURE_POOL_FLAGS`) override these
+(argparse keeps the last occurrence).
 
 The Mamba2 CPU ops come in through the ``sglang.srt.plugins`` entry point
 (``sglang_marconi.cpu_serving:register``), which must be installed.
@@ -44,12 +48,24 @@ from .shim import server_env
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "sglang-marconi" / "tiny-nemotron-h"
 ENTRY_POINT_VALUE = "sglang_marconi.cpu_serving:register"
 
+#: Pool sizes of every server the project starts (tests, demo, load test, soak). Left
+#: unset, SGLang sizes the Mamba state pool from free RAM: 357,691 slots (5.5 GB) for the
+#: tiny model, so nothing is ever evicted. A state slot is 16 KB for the tiny model and
+#: about 2.4 MB for the load test's ``small`` preset; a KV token 128 B / 8 KB.
+POOL_FLAGS = ["--max-total-tokens", "8192", "--max-mamba-cache-size", "128"]
+#: Memory pressure (the soak, ``loadtest/run.py --pressure``, ``launch --pressure``): pools
+#: so small that SSM states and KV leaves are evicted on most requests. 16 state slots cap
+#: SGLang at 5 running requests (3 slots each); 800 KV tokens hold the shared prompts and
+#: about two conversations, fewer than six clients' requests in flight need (requests wait
+#: for room, SGLang evicts); the context is cut to the pool, so a longer input gets a 400.
+PRESSURE_POOL_FLAGS = ["--max-total-tokens", "800", "--max-mamba-cache-size", "16", "--context-length", "800"]
+
 SERVER_FLAGS = [
     "--device", "cpu",
     "--attention-backend", "torch_native",
     "--disable-cuda-graph",
     "--skip-server-warmup",
-    "--max-total-tokens", "8192",
+    *POOL_FLAGS,
     "--mamba-radix-cache-strategy", "no_buffer",
     "--disable-overlap-schedule",
     "--page-size", "1",
@@ -289,6 +305,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-running", action="store_true")
     ap.add_argument("--log", default=None)
     ap.add_argument("--serve-only", action="store_true", help="skip the two-turn check; just serve")
+    ap.add_argument("--pressure", action="store_true",
+                    help="the soak's small pools (PRESSURE_POOL_FLAGS): evictions on most requests")
     ap.add_argument("--examples", default=None,
                     help="directory of SGLang frontend programs (examples/) to run against the server")
     # anything else goes to sglang.launch_server, e.g. --radix-cache-backend marconi --enable-metrics
@@ -308,7 +326,8 @@ def main(argv=None) -> int:
     model = build(a.model_dir)
     tok = AutoTokenizer.from_pretrained(str(model))
     t0 = time.monotonic()
-    srv = start_server(model, port=a.port or None, log_path=a.log, extra=server_extra)
+    srv = start_server(model, port=a.port or None, log_path=a.log,
+                       extra=(PRESSURE_POOL_FLAGS if a.pressure else []) + server_extra)
     print(f"server ready at {srv.url} in {time.monotonic() - t0:.1f}s (log: {srv.log_path})")
     try:
         if a.serve_only:

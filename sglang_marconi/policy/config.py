@@ -5,7 +5,7 @@ In the live server they arrive as the JSON object of SGLang's own
 ``--radix-cache-backend marconi`` selecting this cache::
 
     python -m sglang.launch_server ... --radix-cache-backend marconi \
-        --radix-eviction-policy-config '{"alpha": "auto", "window_multiplier": 5}'
+        --radix-eviction-policy-config '{"variant": "paper"}'
 
 An unknown key or a bad value raises :class:`MarconiConfigError` with one line
 naming it, which stops start-up.

@@ -35,7 +35,9 @@ Tuning never runs on the caller's thread unless ``tuner="inline"``: jobs go to
 a one-worker process pool (``"process"``, default: no GIL contention with the
 scheduler) or thread pool, and :meth:`AlphaTuner.poll` swaps the new α in when
 the job is done. At most one job is in flight; a window that comes due while
-one runs is skipped and logged.
+one runs is skipped and logged. If the tuner's process dies (killed, out of
+memory), the cache keeps the current α, tuning stops and one warning line says
+so; the scheduler keeps serving.
 
 This module does not import SGLang: the replay itself is injected as a
 picklable ``replay_fn(spec, warmup, window, alphas) -> {alpha: flops_saved}``.
@@ -44,6 +46,7 @@ picklable ``replay_fn(spec, warmup, window, alphas) -> {alpha: flops_saved}``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import logging
 import multiprocessing
 import os
@@ -185,7 +188,11 @@ class AlphaTuner:
             return
         if self._executor is None:
             self._executor = one_worker_executor(self.config.tuner, "marconi-tuner")
-        self._future = self._executor.submit(self.replay_fn, self.spec, warmup, window, alphas, *extra)
+        try:
+            self._future = self._executor.submit(self.replay_fn, self.spec, warmup, window, alphas, *extra)
+        except BrokenProcessPool as e:
+            self._lose_process(e)
+            return
         self._future_meta = meta
 
     def _finish(self, meta: tuple[int, int], scores: dict[float, float]) -> None:
@@ -216,16 +223,32 @@ class AlphaTuner:
 
     def poll(self) -> None:
         """Swap in the result of a finished tuning job (non-blocking)."""
+        if getattr(self._executor, "_broken", False):  # a ProcessPoolExecutor whose worker died
+            self._lose_process(self._executor._broken)
+            return
         f = self._future
         if f is None or not f.done():
             return
         self._future = None
         try:
             scores = f.result()
+        except BrokenProcessPool as e:
+            self._lose_process(e)
+            return
         except Exception:  # a failed replay keeps the current α; the server keeps serving
             logger.exception("marconi: α tuning replay failed; keeping α=%.2f", self.alpha)
             return
         self._finish(self._future_meta, scores)
+
+    def _lose_process(self, why) -> None:
+        """The tuner's process died (killed, out of memory): keep the current α — the
+        cache keeps its order — stop tuning, log one line; the scheduler keeps serving."""
+        logger.warning("marconi: α tuner process died (%s); keeping α=%.2f, no further tuning",
+                       str(why).splitlines()[0][:120], self.alpha)
+        self._future = None
+        self.next_tune_at = None
+        self._snap_due = None
+        self.close()
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Block until the in-flight job (if any) is done and applied (tests, replays)."""
