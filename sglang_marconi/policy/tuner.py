@@ -125,6 +125,12 @@ class AlphaTuner:
         self.snapshot_fn: Optional[Callable[[], Any]] = None
         self._snap: Optional[tuple[int, Any]] = None  # (requests_seen when taken, snapshot)
         self._snap_due: Optional[int] = None
+        if not self.fixed and config.tuner == "process":
+            # spawn the worker now (a no-op job), not at the first tuning window: that
+            # window does not wait for a Python start-up, and the process a server runs
+            # exists from its start (tests kill it mid-soak)
+            self._executor = one_worker_executor(config.tuner, "marconi-tuner")
+            self._executor.submit(int)
 
     # -- inputs from the cache --------------------------------------------
     @property
