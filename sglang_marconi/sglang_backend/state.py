@@ -159,6 +159,8 @@ class MarconiState:
         #: node with the current L of each pool ("state" also serves the single
         #: byte budget's queue)
         self.inflation = {"state": 0.0, "kv": 0.0}
+        #: ``value`` with ``value_kv_pool: "recency"``: the two pools' KV pool ranks leaves by stamp
+        self.kv_by_recency = config.utility_form == "value" and config.value_kv_pool == "recency"
         self.hit_density: Optional[HitDensity] = None
         #: classes split by "hit before" (``density_reuse``)
         self.density_reuse = config.density_reuse
@@ -279,16 +281,27 @@ class MarconiState:
         start = end - own
         has_state = node.component_data[ct].value is not None
         paper = self.config.variant == "paper"
-        replay_from = start if paper else (0 if self.config.value_flops == "root" else self.replay_from(node))
+        # One walk up to the nearest ancestor holding a state: the replay origin, and the
+        # exclusive path (stateless ancestors with this one child, which go with the node)
+        replay_from, exclusive = 0, frees_kv and self.config.value_bytes == "exclusive"
+        excl_from = start  # where the KV the eviction frees begins
+        cur = node.parent
+        while cur is not None and cur.parent is not None:
+            if cur.component_data[ct].value is not None:
+                replay_from = self.node_end(cur)
+                break
+            if exclusive and len(cur.children) != 1:
+                exclusive, excl_from = False, self.node_end(cur)
+            cur = cur.parent
+        if exclusive:  # ran up to the state (or the root) through single-child stateless nodes
+            excl_from = replay_from
+        excl = end - excl_from
+        if paper:
+            replay_from = start
+        elif self.config.value_flops == "root":
+            replay_from = 0
         # The cost terms change only when the node's start, its replay origin,
-        # its state or the kind of eviction change: memoize them on the node.
-        excl = own
-        if frees_kv and self.config.value_bytes == "exclusive":
-            cur = node.parent
-            while (cur is not None and cur.parent is not None and len(cur.children) == 1
-                   and cur.component_data[ct].value is None):
-                excl += len(cur.key)
-                cur = cur.parent
+        # its state, its exclusive path or the kind of eviction change: memoize them on the node.
         memo_key = (start, replay_from, has_state, frees_kv, excl)
         memo = getattr(node, "marconi_memo", None)
         if memo is not None and memo[0] == memo_key:
@@ -343,6 +356,9 @@ class MarconiState:
     def kv_pool_candidate(self, node) -> Candidate:
         """An eviction candidate of the KV pool (a leaf): with ``superseded_first``
         / ``ended_first`` a marked leaf's stamp is shifted below every other leaf's."""
+        if self.kv_by_recency:  # the value rule's KV pool: the stamp alone (SGLang's LRU)
+            t = node.marconi_kv_t
+            return Candidate(key=node, last_access=t, flops_saved=0.0, nbytes=0, base=t, freq=0.0)
         cand = self.eviction_candidate(node, frees_kv=True, pool="kv")
         if self._goes_first(node):
             cand.last_access -= TOMBSTONE_FIRST_SHIFT
