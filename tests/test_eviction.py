@@ -989,7 +989,7 @@ def test_block_hashes_extend_a_prefix_chain():
 
 @pytest.mark.parametrize("byte_budget", [None, 10**12])
 def test_input_state_auto_follows_the_budget_layout(make_marconi, byte_budget):
-    """``input_state: "auto"`` (the default): a request that creates no branch point
+    """``input_state: "auto"`` (an experiment; the default has none): a request that creates no branch point
     also leaves a state at its input's end with SGLang's two pools (2 states),
     not under one byte budget, where that state costs the bytes of hundreds of
     KV tokens (1 state: the last decoded token's)."""

@@ -168,8 +168,10 @@ class MarconiConfig:
     #: output's KV leaf then still leaves a hit on the whole input. "auto": on
     #: with SGLang's two pools, off under one byte budget (``single_budget_gb``,
     #: the replay's ``--single-budget``), where each such state costs as many
-    #: bytes as hundreds of KV tokens (BENCHMARKS round 10).
-    input_state: Union[bool, str] = "auto"
+    #: bytes as hundreds of KV tokens. Default off (an experiment): with the
+    #: value rule it bought +0.14% over the choice half's two-pool cells and
+    #: cost half of the per-request bookkeeping (docs/policy.md).
+    input_state: Union[bool, str] = False
     #: "marconi" (this project's default: replay distance to the nearest
     #: ancestor state, node-local bytes) or "paper" (the paper's formulas as
     #: stated: saved FLOPs from the parent, bytes counting the path's KV).
