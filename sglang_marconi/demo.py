@@ -82,7 +82,7 @@ Next:
                       try it on a built-in trace: --trace swe-agent --sessions 20)
   serve a model      python -m sglang.launch_server --model-path <hybrid model> --page-size 1 \\
                          --radix-cache-backend marconi
-  the docs           README.md (configuration), docs/ (user guides), BENCHMARKS.md (measurements)"""
+  the docs           README.md, docs/ (configuration, policy, replay, evaluation, replicas), BENCHMARKS.md"""
 
 
 def main(argv=None) -> int:
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-budget", type=int, default=420, help="KV tokens the tree may hold (default 420)")
     ap.add_argument("--state-budget", type=int, default=5, help="SSM states the tree may hold (default 5)")
     ap.add_argument("--alpha", default=None,
-                    help="'auto' (tuned online) or a fixed number (default: the package default, 0)")
+                    help="the paper's utility with this α: 'auto' (tuned online) or a number (default: the package's value-per-byte rule)")
     ap.add_argument("--profile", default="paper-7b", help="cost profile (built-in name or config.json)")
     ap.add_argument("--next", action="store_true", help="only print where to go next (replay, serving, docs)")
     args = ap.parse_args(argv)
