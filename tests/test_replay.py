@@ -58,10 +58,8 @@ def test_purely_input_reuse_hits_on_the_third_request(tmp_path):
     assert run["token_hit_rate"] == round(40 / 128, 6)
     assert run["ssm_hits"] == 1
     assert run["requests"] == 3
-    # states (default: input-end state when there is no branch point): r1 input
-    # end + last token; r2 branch point + last token; r3 last token only (its
-    # one-token reply ends at its input)
-    assert run["states_admitted_per_request"] == round(5 / 3, 4)
+    # states: r1 last token; r2 branch point + last token; r3 last token
+    assert run["states_admitted_per_request"] == round(4 / 3, 4)
     assert run["evictions"] == 0
     from sglang_marconi.policy import builtin_profile
 

@@ -459,14 +459,15 @@ def run_soak(model, duration: float, clients: int, seed: int = 0, config: Option
 
 def sigterm_leftovers(srv, timeout: float = 60.0) -> List[int]:
     """SIGTERM the server's main process only (as an init system would), wait for it to
-    exit, and return the processes of its session still alive a few seconds later."""
+    exit, and return the processes of its session still alive up to ``timeout`` s later
+    (a worker that was still starting exits once it has: it re-imports the server first)."""
     if srv.proc.poll() is None:
         os.kill(srv.proc.pid, signal.SIGTERM)
         try:
             srv.proc.wait(timeout=timeout)
         except Exception:  # noqa: BLE001 - reported below as leftovers (the main process itself)
             pass
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + timeout
     left = group_pids(srv)
     while left and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -50,6 +50,8 @@ from concurrent.futures.process import BrokenProcessPool
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -62,12 +64,22 @@ RequestRecord = tuple[tuple[int, ...], tuple[int, ...]]  # (input ids, output id
 ReplayFn = Callable[[Any, Sequence[RequestRecord], Sequence[RequestRecord], Sequence[float]], dict]
 
 
-def _background_priority() -> None:
-    """Tuner processes yield the CPU to the scheduler (lowest nice level)."""
+def _exit_with(parent: int) -> None:
+    """Exit as soon as ``parent`` (the server's scheduler) is gone: whether it ended
+    while this worker was still starting (a spawned worker first re-imports the
+    server's modules) or later, no replay worker outlives it."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _background_priority(parent: int) -> None:
+    """Tuner processes yield the CPU to the scheduler (lowest nice level) and die with it."""
     try:
         os.nice(19)
     except OSError:
         pass
+    threading.Thread(target=_exit_with, args=(parent,), name="marconi-tuner-parent", daemon=True).start()
 
 
 def one_worker_executor(mode: str, thread_name: str) -> cf.Executor:
@@ -75,7 +87,7 @@ def one_worker_executor(mode: str, thread_name: str) -> cf.Executor:
     lowest CPU priority (``"process"``) or a thread (``"thread"``)."""
     if mode == "process":
         return cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_background_priority)
+                                      initializer=_background_priority, initargs=(os.getpid(),))
     return cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
 
 
@@ -125,12 +137,6 @@ class AlphaTuner:
         self.snapshot_fn: Optional[Callable[[], Any]] = None
         self._snap: Optional[tuple[int, Any]] = None  # (requests_seen when taken, snapshot)
         self._snap_due: Optional[int] = None
-        if not self.fixed and config.tuner == "process":
-            # spawn the worker now (a no-op job), not at the first tuning window: that
-            # window does not wait for a Python start-up, and the process a server runs
-            # exists from its start (tests kill it mid-soak)
-            self._executor = one_worker_executor(config.tuner, "marconi-tuner")
-            self._executor.submit(int)
 
     # -- inputs from the cache --------------------------------------------
     @property
