@@ -745,14 +745,9 @@ def _check_ids(where: str, key: str, v, *, allow_empty: bool) -> list:
     return v
 
 
-def read_canonical(path: str) -> tuple[str, list[dict]]:
-    """Validated records of a canonical JSONL trace: ("text" | "ids", records)."""
-    if not os.path.isfile(path):
-        raise TraceError(f"{path}: no such file")
-    kind: Optional[str] = None
-    records: list[dict] = []
-    prev_arrival: Optional[float] = None
-    prev_line = 0
+def json_lines(path: str):
+    """(``path:line``, line number, parsed JSON) of every non-blank line of a JSONL file;
+    a line that is not UTF-8 or not JSON stops the load with one line naming it."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -766,50 +761,62 @@ def read_canonical(path: str) -> tuple[str, list[dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TraceError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise TraceError(f"{where}: expected a JSON object, got {_jval(obj)}")
-            has_text = any(k in obj for k in _TEXT_KEYS)
-            has_ids = any(k in obj for k in _ID_KEYS)
-            if has_text and has_ids:
-                raise TraceError(f"{where}: has both text (prompt/completion) and token ids (prompt_ids/completion_ids)")
-            this = "ids" if has_ids else "text"
-            if kind is None:
-                kind = this
-            elif this != kind:
-                raise TraceError(
-                    f"{where}: this line has {'token ids' if this == 'ids' else 'text'} but the trace is "
-                    f"{'pre-tokenized' if kind == 'ids' else 'text'} (one kind per file)"
-                )
-            keys = ("session_id", "arrival_s") + (_ID_KEYS if kind == "ids" else _TEXT_KEYS)
-            for k in keys:
-                if k not in obj:
-                    raise TraceError(f"{where}: missing key \"{k}\"")
-            sid = obj["session_id"]
-            if not isinstance(sid, str) or not sid:
-                raise TraceError(f"{where}: session_id must be a non-empty string, got {_jval(sid)}")
-            arr = obj["arrival_s"]
-            if isinstance(arr, bool) or not isinstance(arr, (int, float)):
-                raise TraceError(f"{where}: arrival_s must be a number, got {_jval(arr)}")
-            if not math.isfinite(arr) or arr < 0:
-                raise TraceError(f"{where}: arrival_s must be a finite number >= 0, got {_jval(arr)}")
-            if prev_arrival is not None and arr < prev_arrival:
-                raise TraceError(
-                    f"{where}: arrival_s {arr} is before {prev_arrival} on line {prev_line} "
-                    "(the trace must be ordered by arrival_s)"
-                )
-            prev_arrival, prev_line = float(arr), lineno
-            if kind == "text":
-                p, c = obj["prompt"], obj["completion"]
-                if not isinstance(p, str):
-                    raise TraceError(f"{where}: prompt must be a string, got {_jval(p)}")
-                if not p:
-                    raise TraceError(f"{where}: prompt is empty")
-                if not isinstance(c, str):
-                    raise TraceError(f"{where}: completion must be a string, got {_jval(c)}")
-            else:
-                p = _check_ids(where, "prompt_ids", obj["prompt_ids"], allow_empty=False)
-                c = _check_ids(where, "completion_ids", obj["completion_ids"], allow_empty=True)
-            records.append({"session_id": sid, "arrival_s": float(arr), "prompt": p, "completion": c, "line": lineno})
+            yield where, lineno, obj
+
+
+def read_canonical(path: str) -> tuple[str, list[dict]]:
+    """Validated records of a canonical JSONL trace: ("text" | "ids", records)."""
+    if not os.path.isfile(path):
+        raise TraceError(f"{path}: no such file")
+    kind: Optional[str] = None
+    records: list[dict] = []
+    prev_arrival: Optional[float] = None
+    prev_line = 0
+    for where, lineno, obj in json_lines(path):
+        if not isinstance(obj, dict):
+            raise TraceError(f"{where}: expected a JSON object, got {_jval(obj)}")
+        has_text = any(k in obj for k in _TEXT_KEYS)
+        has_ids = any(k in obj for k in _ID_KEYS)
+        if has_text and has_ids:
+            raise TraceError(f"{where}: has both text (prompt/completion) and token ids (prompt_ids/completion_ids)")
+        this = "ids" if has_ids else "text"
+        if kind is None:
+            kind = this
+        elif this != kind:
+            raise TraceError(
+                f"{where}: this line has {'token ids' if this == 'ids' else 'text'} but the trace is "
+                f"{'pre-tokenized' if kind == 'ids' else 'text'} (one kind per file)"
+            )
+        keys = ("session_id", "arrival_s") + (_ID_KEYS if kind == "ids" else _TEXT_KEYS)
+        for k in keys:
+            if k not in obj:
+                raise TraceError(f"{where}: missing key \"{k}\"")
+        sid = obj["session_id"]
+        if not isinstance(sid, str) or not sid:
+            raise TraceError(f"{where}: session_id must be a non-empty string, got {_jval(sid)}")
+        arr = obj["arrival_s"]
+        if isinstance(arr, bool) or not isinstance(arr, (int, float)):
+            raise TraceError(f"{where}: arrival_s must be a number, got {_jval(arr)}")
+        if not math.isfinite(arr) or arr < 0:
+            raise TraceError(f"{where}: arrival_s must be a finite number >= 0, got {_jval(arr)}")
+        if prev_arrival is not None and arr < prev_arrival:
+            raise TraceError(
+                f"{where}: arrival_s {arr} is before {prev_arrival} on line {prev_line} "
+                "(the trace must be ordered by arrival_s)"
+            )
+        prev_arrival, prev_line = float(arr), lineno
+        if kind == "text":
+            p, c = obj["prompt"], obj["completion"]
+            if not isinstance(p, str):
+                raise TraceError(f"{where}: prompt must be a string, got {_jval(p)}")
+            if not p:
+                raise TraceError(f"{where}: prompt is empty")
+            if not isinstance(c, str):
+                raise TraceError(f"{where}: completion must be a string, got {_jval(c)}")
+        else:
+            p = _check_ids(where, "prompt_ids", obj["prompt_ids"], allow_empty=False)
+            c = _check_ids(where, "completion_ids", obj["completion_ids"], allow_empty=True)
+        records.append({"session_id": sid, "arrival_s": float(arr), "prompt": p, "completion": c, "line": lineno})
     if not records:
         raise TraceError(f"{path}: no requests")
     return kind, records

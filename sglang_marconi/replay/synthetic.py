@@ -328,21 +328,11 @@ def read_mooncake(path: str) -> list[dict]:
         raise _bad(path, "no such file")
     out: list[dict] = []
     prev: Optional[float] = None
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _bad(where, "not UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _bad(where, f"not JSON ({e.msg} at column {e.colno})") from None
-            out.append(check_mooncake(where, obj, prev))
-            prev = obj["timestamp"]
+    from .loaders import json_lines
+
+    for where, _, obj in json_lines(path):
+        out.append(check_mooncake(where, obj, prev))
+        prev = obj["timestamp"]
     if not out:
         raise _bad(path, "no requests")
     return out
