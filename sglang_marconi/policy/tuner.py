@@ -137,6 +137,12 @@ class AlphaTuner:
         self.snapshot_fn: Optional[Callable[[], Any]] = None
         self._snap: Optional[tuple[int, Any]] = None  # (requests_seen when taken, snapshot)
         self._snap_due: Optional[int] = None
+        if not self.fixed and config.tuner == "process":
+            # spawn the worker now (a no-op job), not at the first tuning window: that
+            # window does not wait for a Python start-up, and the process exists from
+            # the server's start (it exits with the scheduler: _background_priority)
+            self._executor = one_worker_executor(config.tuner, "marconi-tuner")
+            self._executor.submit(int)
 
     # -- inputs from the cache --------------------------------------------
     @property
