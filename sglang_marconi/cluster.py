@@ -55,10 +55,22 @@ class Gateway:
         launch.Server(self.proc, self.url, self.log_path).stop(timeout)
 
 
-def gateway_command(port: int, worker_urls: Sequence[str], policy: str, extra: Sequence[str] = ()) -> List[str]:
+#: SGLang's /health runs a one-token generation and answers within its own limit
+#: (SGLANG_HEALTH_CHECK_TIMEOUT, 20 s); on a busy CPU that takes more than SMG's default 5 s,
+#: and a replica timed out twice is taken out of routing while it serves. A dead replica
+#: refuses the connection at once, so the longer timeout does not slow its removal.
+HEALTH_CHECK_TIMEOUT_S = 25
+
+
+def gateway_command(port: int, worker_urls: Sequence[str], policy: str, extra: Sequence[str] = (),
+                    metrics_port: Optional[int] = None) -> List[str]:
+    """SMG's launcher on 127.0.0.1:port. Its Prometheus listener would take 0.0.0.0:29000, open to
+    the network and taken by a second gateway on the machine; it gets a free local port instead."""
     return [sys.executable, "-m", "smg.launch_router", "--host", "127.0.0.1", "--port", str(port),
             "--worker-urls", *worker_urls, "--policy", policy, "--log-level", "warn",
-            "--health-check-interval-secs", "2", "--health-failure-threshold", "2", *extra]
+            "--health-check-interval-secs", "2", "--health-failure-threshold", "2",
+            "--health-check-timeout-secs", str(HEALTH_CHECK_TIMEOUT_S),
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port or launch.free_port()), *extra]
 
 
 def _get(url: str, timeout: float = 5.0):
