@@ -390,17 +390,35 @@ def test_metrics_attach_without_server(caplog):
     assert metrics.snapshot(cache)["marconi_alpha"] == 0.5
 
 
-def test_soak_reads_evictions_and_durations_without_server():
-    """The soak's log reading: the share of finished requests during which a state or a
-    KV leaf was evicted (consecutive per-request lines only), and its duration parsing."""
+def test_soak_reads_durations_and_counts_requests_that_saw_an_eviction():
+    """A request counts as evicting when the cache evicted a state or a KV leaf between its
+    first prefix match and its finish (SGLang evicts for a whole batch when it admits it, so
+    requests admitted together all count); the soak's duration parsing."""
     from sglang_marconi.cpu_serving import soak
+    from sglang_marconi.sglang_backend import metrics
 
-    line = "marconi: requests={} matches=1 state_hits=0 hit_tokens=0 branch_checkpoints=0 last_token_checkpoints=1 " \
-           "input_end_checkpoints=0 state_evictions={} leaf_evictions={} evicted_tokens=0 alpha=0.000"
-    log = "\n".join(line.format(*t) for t in [(1, 0, 0), (2, 2, 0), (3, 2, 1), (4, 2, 1), (6, 5, 1)])
-    share = soak.eviction_share(log)
-    assert share["requests"] == 3  # 4 -> 6 skips a request: not counted
-    assert share["with_state_eviction"] == pytest.approx(1 / 3)
-    assert share["with_leaf_eviction"] == pytest.approx(1 / 3)
-    assert share["with_any_eviction"] == pytest.approx(2 / 3)
+    from types import SimpleNamespace
+
+    from sglang_marconi.policy import builtin_profile, parse_config
+    from sglang_marconi.sglang_backend.state import MarconiState
+
+    cache = SimpleNamespace(marconi=MarconiState(parse_config({}), builtin_profile("paper-7b")),
+                            match_prefix=lambda params: "matched", checkpoint_into_tree=lambda req, up_to: None)
+    metrics.attach(cache)
+    c = cache.marconi.counters
+    a, b, late = (SimpleNamespace(finished=lambda: True) for _ in range(3))
+    assert cache.match_prefix(SimpleNamespace(req=a)) == "matched"
+    cache.match_prefix(SimpleNamespace(req=b))
+    c.state_evictions += 2  # the batch of a and b is admitted: one eviction burst
+    cache.match_prefix(SimpleNamespace(req=a))  # a's next chunk: its stamp stays
+    cache.match_prefix(SimpleNamespace(req=late))
+    for r in (a, b, late):
+        cache.checkpoint_into_tree(r, up_to=1)
+    assert cache.marconi_requests_finished == 3
+    assert cache.marconi_requests_evicting == 2  # a and b; late started after the burst
+    c.leaf_evictions += 1
+    d = SimpleNamespace(finished=lambda: True)
+    cache.checkpoint_into_tree(d, up_to=1)  # never matched: finished, not counted
+    assert (cache.marconi_requests_finished, cache.marconi_requests_evicting) == (4, 2)
+    assert metrics.snapshot(cache)["marconi_requests_evicting"] == 2.0
     assert [soak.parse_duration(d) for d in ("90", "90s", "10m", "1h")] == [90, 90, 600, 3600]

@@ -37,6 +37,8 @@ GAUGES = {
     "marconi_leaf_evictions": "radix-tree nodes evicted (their KV freed)",
     "marconi_evicted_tokens": "KV tokens evicted",
     "marconi_requests_finished": "finished requests seen by the Marconi cache",
+    "marconi_requests_evicting": "finished requests during whose life (first prefix match to finish) "
+                                 "the cache evicted an SSM state or a KV leaf",
     "marconi_alpha": "current alpha (weight of FLOP efficiency against recency)",
     "marconi_superseded_marks": "superseded_first: radix-tree nodes marked as a path a request branched away from",
     "marconi_ended_marks": "ended_first: finished requests whose sequence was marked as a conversation's likely end",
@@ -65,6 +67,7 @@ def snapshot(cache) -> Dict[str, float]:
     c = st.counters.as_dict()
     out = {name: float(c[key]) for name, key in _KEYS.items()}
     out["marconi_requests_finished"] = float(getattr(cache, "marconi_requests_finished", 0))
+    out["marconi_requests_evicting"] = float(getattr(cache, "marconi_requests_evicting", 0))
     out["marconi_alpha"] = float(st.alpha)
     return out
 
@@ -72,11 +75,12 @@ def snapshot(cache) -> Dict[str, float]:
 def log_line(values: Dict[str, float], order: str) -> str:
     """One INFO line; ``order``: the eviction order (the cache's utility form)."""
     return (
-        "marconi: requests=%d matches=%d state_hits=%d hit_tokens=%d branch_checkpoints=%d "
+        "marconi: requests=%d evicting_requests=%d matches=%d state_hits=%d hit_tokens=%d branch_checkpoints=%d "
         "last_token_checkpoints=%d input_end_checkpoints=%d state_evictions=%d leaf_evictions=%d evicted_tokens=%d alpha=%.3f "
         "order=%s"
         % (
             values["marconi_requests_finished"],
+            values["marconi_requests_evicting"],
             values["marconi_matches"],
             values["marconi_state_hits"],
             values["marconi_hit_tokens"],
@@ -131,17 +135,38 @@ def attach(cache, server_args=None) -> MarconiMetrics:
     metrics = MarconiMetrics(labels=labels, enable_prometheus=enable)
     cache.marconi_metrics = metrics
     cache.marconi_requests_finished = 0
+    cache.marconi_requests_evicting = 0
     inner = cache.checkpoint_into_tree
+    inner_match = getattr(cache, "match_prefix", None)
+
+    def evictions() -> int:
+        c = cache.marconi.counters
+        return c.state_evictions + c.leaf_evictions
+
+    def match_prefix(params, *args, **kwargs):
+        # a request's first match stamps the eviction count; its finish compares
+        req = getattr(params, "req", None)
+        if req is not None and getattr(req, "marconi_evictions_at_start", None) is None:
+            try:
+                req.marconi_evictions_at_start = evictions()
+            except AttributeError:  # a request object that takes no attributes: not counted
+                pass
+        return inner_match(params, *args, **kwargs)
 
     def checkpoint_into_tree(req, *, up_to: int, **kwargs):
         inner(req, up_to=up_to, **kwargs)
         if req.finished():
             cache.marconi_requests_finished += 1
+            start = getattr(req, "marconi_evictions_at_start", None)
+            if start is not None and evictions() > start:
+                cache.marconi_requests_evicting += 1
             try:
                 metrics.update(cache)
             except Exception as e:  # never break the scheduler over a metric
                 logger.warning("marconi: metrics update failed: %s", e)
 
     cache.checkpoint_into_tree = checkpoint_into_tree
+    if inner_match is not None:
+        cache.match_prefix = match_prefix
     metrics.update(cache, finished=False)
     return metrics
