@@ -15,7 +15,8 @@ from sglang_marconi.replay.runner import _EvictionCounter
 
 
 def _tree(drv) -> tuple:
-    """Every node in creation (id) order: where it ends, whether it holds a state,
+    """Every node in creation (id) order: where it ends, its own tokens (and that
+    its key holds exactly those, no longer array), whether it holds a state,
     its recency stamps, its lock; the pools' sizes and the evictable leaves."""
     from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
@@ -29,7 +30,7 @@ def _tree(drv) -> tuple:
     nodes.sort(key=lambda n: n.id)
     mamba = ComponentType.MAMBA
     return (
-        tuple((st.node_end(n), len(n.key), n.component_data[mamba].value is not None, n.marconi_t, n.marconi_kv_t,
+        tuple((st.node_end(n), len(n.key), len(n.key.token_ids), n.component_data[mamba].value is not None, n.marconi_t, n.marconi_kv_t,
                n.component_data[mamba].lock_ref, getattr(n, "marconi_hits", None)) for n in nodes),
         sorted(st.node_end(n) for n in core.evictable_device_leaves),
         drv.tree_kv_tokens(), drv.tree_states(), drv.free_counts(), st.clock,

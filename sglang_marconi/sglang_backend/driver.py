@@ -189,21 +189,40 @@ class CacheDriver:
 
         Each checkpoint is one SGLang insert; the request's lock moves onto each
         inserted node. One pass (block admission, a state slot free for every
-        checkpoint, so nothing is evicted meanwhile): each insert after the first
-        resumes SGLang's insert walk at the node the previous one ended at
-        (:meth:`_insert_below`) instead of walking again from the root, and the
-        lock moves once, at the end — O(path + blocks) per request instead of
-        O(path x blocks). ``self.one_pass = False`` keeps the insert-per-checkpoint
-        path (the reference the tests compare one pass with)."""
-        cache = self.cache
+        checkpoint, so nothing is evicted meanwhile): the state slots are taken in
+        one allocator call (the same slots, in the same order, as one call per
+        checkpoint: nothing else allocates or frees meanwhile but a slot the tree
+        declines, which goes to the free list's end either way); each insert after
+        the first resumes SGLang's insert walk at the node the previous one ended at
+        (:meth:`_insert_below`) instead of walking again from the root; and the lock
+        stays on the matched node — moving it onto the last checkpoint only for
+        :meth:`run` to release it right after is a lock walk up the whole new path
+        and back that leaves every count and leaf set as it was. O(path + blocks)
+        per request instead of O(path x blocks). ``self.one_pass = False`` keeps the
+        insert-per-checkpoint path (the reference the tests compare one pass with)."""
         plan = self.admission.plan(len(input_ids), committed, hit, match.full_kv_hit_length)
         one_pass = (self.one_pass and isinstance(self.admission, BlockAdmission) and len(plan) > 1
                     and self._can_resume_insert() and self.built.mamba_allocator.available_size() >= len(plan))
+        slots = self.built.mamba_allocator.alloc(len(plan)) if one_pass else None
+        try:
+            self._insert_plan(plan, slots, input_ids, tokens, row, held, result)
+        except BaseException:
+            if slots is not None:  # give back the slots no insert reached
+                self.built.mamba_allocator.free(slots[len(result.checkpoints) + 1 :])
+            raise
+
+    def _insert_plan(self, plan, slots, input_ids, tokens, row, held, result) -> None:
+        cache = self.cache
+        one_pass = slots is not None
         prev = None  # (node id, length) of the previous checkpoint, in one pass
-        for cp in plan:
-            slot = self._alloc_state()
+        ids = array("q", tokens)  # converted once per request
+        for i, cp in enumerate(plan):
+            slot = slots[i : i + 1] if one_pass else self._alloc_state()
             params = InsertParams(
-                key=_key(tokens[: cp.position]),
+                # A walk from the root may store the key itself in a new node, so it
+                # gets its own tokens; a resumed walk stores slices of key[start:]
+                # only, so there a prefix view (``limit``) spares an O(position) copy.
+                key=RadixKey(ids, limit=cp.position) if prev is not None else RadixKey(ids[: cp.position]),
                 value=row[: cp.position],
                 mamba_value=slot,
                 prev_prefix_len=held.protected,  # the tree frees our duplicates past this
@@ -225,8 +244,6 @@ class CacheDriver:
                 prev = (res.last_device_node, cp.position)
             else:
                 self._move_lock(held, res.last_device_node)
-        if prev is not None:
-            self._move_lock(held, prev[0])
 
     def _move_lock(self, held: _Held, node) -> None:
         new_lock = self.cache.inc_lock_ref(node)
