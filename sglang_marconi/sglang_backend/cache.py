@@ -65,6 +65,7 @@ class MarconiRadixCache(UnifiedRadixCache):
         if self.tree_core.kv_events.enabled:
             self.state_events = StatePathEvents.replacing(self.tree_core.kv_events)
             self.tree_core.kv_events = self.state_events
+            logger.info("marconi: KV events publish resumable prefixes only (root -> each stored SSM state)")
         if tuner is not None and config.replay_start == "snapshot":
             tuner.snapshot_fn = self.export_tree
 

@@ -1,0 +1,175 @@
+"""Live: one Marconi replica in SMG gRPC mode publishing KV events, SMG in event-driven mode.
+
+The replica (``--smg-grpc-mode --kv-events-config '{"publisher":"zmq",...,"bind":true}'``,
+the tiny NemotronH on CPU, this checkout's code on ``PYTHONPATH``) and
+``python -m smg.launch_router --worker-urls grpc://... --policy cache_aware --model-path``
+are started once and always stopped. A test subscriber on the same ZMQ endpoint replays
+the stream. Two chat turns through the gateway: the second hits the state Marconi stored
+after the first reply, the gateway log shows the KV event stream connected, and the blocks
+published are exactly root -> the stored states (here: the second turn's committed sequence),
+with SGLang's hashes. Skipped (with the reason) without the server requirements or smg.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sglang_marconi import cluster as cl
+from sglang_marconi.cpu_serving import launch
+from sglang_marconi.cpu_serving.shim import server_env
+
+from test_live_marconi import _skip_reason
+from test_state_events import BlockIndex, chain
+
+REPO = Path(__file__).resolve().parents[1]
+NEW = 6
+
+
+def _wait_log(path: Path, needle: str, proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}:\n" + path.read_text(errors="replace")[-3000:])
+        if needle in path.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no {needle!r} after {timeout:.0f}s in {path}:\n" + path.read_text(errors="replace")[-3000:])
+
+
+def _post(url, payload, timeout=120.0):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class Subscriber(threading.Thread):
+    """SUB on the replica's event endpoint: (topic, seq, msgpack KVEventBatch) frames."""
+
+    def __init__(self, endpoint):
+        super().__init__(daemon=True)
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.setsockopt(zmq.RCVTIMEO, 200)
+        self.sock.connect(endpoint)
+        self.events, self.stop_flag = [], False
+
+    def run(self):
+        import msgspec
+        import zmq
+
+        from sglang.srt.disaggregation.kv_events import KVEventBatch
+
+        dec = msgspec.msgpack.Decoder(type=KVEventBatch)
+        while not self.stop_flag:
+            try:
+                _topic, _seq, payload = self.sock.recv_multipart()
+            except zmq.Again:
+                continue
+            self.events.extend(dec.decode(payload).events)
+
+    def close(self):
+        self.stop_flag = True
+        self.join(5)
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    reason = _skip_reason() or (None if importlib.util.find_spec("smg") else "smg (the gateway) is not installed")
+    if reason:
+        pytest.skip(reason)
+    from sglang_marconi.cpu_serving.tiny_model import build
+
+    model = build(tmp_path_factory.mktemp("tiny-nemotron-h"), seed=0)
+    logs = tmp_path_factory.mktemp("events-logs")
+    grpc_port, events_port, gw_port = launch.free_port(), launch.free_port(), launch.free_port()
+    endpoint = f"tcp://127.0.0.1:{events_port}"
+    env = server_env()
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"  # this checkout's plugin code
+    cmd = launch.server_command(model, grpc_port, extra=[
+        "--dtype", "float32", "--radix-cache-backend", "marconi", "--smg-grpc-mode",
+        "--kv-events-config", json.dumps({"publisher": "zmq", "endpoint": endpoint, "bind": True})])
+    srv_log = logs / "replica.log"
+    with open(srv_log, "wb") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=str(logs))
+    server = launch.Server(proc, f"grpc://127.0.0.1:{grpc_port}", srv_log, cmd)
+    gateway = sub = None
+    try:
+        _wait_log(srv_log, "gRPC server listening", proc, 240)
+        sub = Subscriber(endpoint)
+        sub.start()
+        gw_log = logs / "gateway.log"
+        gw_cmd = cl.gateway_command(gw_port, [server.url], "cache_aware",
+                                    extra=["--model-path", str(model), "--log-level", "info"])
+        with open(gw_log, "wb") as f:
+            gproc = subprocess.Popen(gw_cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, cwd=str(logs))
+        gateway = cl.Gateway(gproc, f"http://127.0.0.1:{gw_port}", gw_log)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if cl._get(gateway.url + "/readiness")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or gproc.poll() is not None:
+                raise RuntimeError("gateway not ready:\n" + gw_log.read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
+        yield model, server, gateway, sub
+    finally:
+        if sub is not None:
+            sub.close()
+        if gateway is not None:
+            gateway.stop()
+        server.stop()
+        assert proc.poll() is not None
+
+
+def test_second_turn_hits_through_event_driven_gateway(started):
+    model, server, gateway, sub = started
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    name = json.loads(cl._get(gateway.url + "/v1/models")[1])["data"][0]["id"]
+
+    def generate(ids):
+        return _post(gateway.url + "/generate", {"model": name, "input_ids": ids,
+                                                  "sampling_params": {"max_new_tokens": NEW, "temperature": 0.0}})
+
+    turn1 = tok(cl.SYSTEMS[0] + "user: tell me about radix trees")["input_ids"]
+    out1 = generate(turn1)
+    assert out1["meta_info"]["cached_tokens"] == 0
+    turn2 = turn1 + out1["output_ids"] + tok(cl.FOLLOW_UPS[0])["input_ids"]
+    out2 = generate(turn2)
+    # the state Marconi stored after the first reply: input + output - 1
+    assert out2["meta_info"]["cached_tokens"] == len(turn1) + len(out1["output_ids"]) - 1, out2["meta_info"]
+
+    gw_text = gateway.log_path.read_text(errors="replace")
+    assert "KV event stream connected" in gw_text, gw_text[-3000:]
+    # the line only this checkout's cache logs: the replica runs StatePathEvents
+    assert "marconi: KV events publish resumable prefixes only" in server.log_path.read_text(errors="replace")
+
+    committed2 = turn2 + out2["output_ids"][:-1]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        idx = BlockIndex().apply(list(sub.events))
+        if set(idx.blocks) == set(chain(committed2)):
+            break
+        time.sleep(0.3)
+    assert set(idx.blocks) == set(chain(committed2)), (len(idx.blocks), len(committed2))
+    assert [idx.blocks[h][1] for h in chain(committed2)] == committed2
