@@ -96,7 +96,10 @@ def started(tmp_path_factory):
 
     model = build(tmp_path_factory.mktemp("tiny-nemotron-h"), seed=0)
     logs = tmp_path_factory.mktemp("events-logs")
-    grpc_port, events_port, gw_port = launch.free_port(), launch.free_port(), launch.free_port()
+    # SGLang derives a legacy --grpc-port = --port + 10000 in --smg-grpc-mode and refuses one
+    # above 65535 (serving_hook.handle_deprecated_args), though it listens on --port
+    grpc_port = next(p for p in iter(launch.free_port, None) if p + 10000 <= 65535)
+    events_port, gw_port = launch.free_port(), launch.free_port()
     endpoint = f"tcp://127.0.0.1:{events_port}"
     env = server_env()
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"  # this checkout's plugin code
@@ -148,8 +151,9 @@ def test_second_turn_hits_through_event_driven_gateway(started):
     name = json.loads(cl._get(gateway.url + "/v1/models")[1])["data"][0]["id"]
 
     def generate(ids):
-        return _post(gateway.url + "/generate", {"model": name, "input_ids": ids,
-                                                  "sampling_params": {"max_new_tokens": NEW, "temperature": 0.0}})
+        out = _post(gateway.url + "/generate", {"model": name, "input_ids": ids,
+                                                 "sampling_params": {"max_new_tokens": NEW, "temperature": 0.0}})
+        return out[0] if isinstance(out, list) else out  # SMG's gRPC /generate answers a one-item list
 
     turn1 = tok(cl.SYSTEMS[0] + "user: tell me about radix trees")["input_ids"]
     out1 = generate(turn1)
@@ -164,12 +168,21 @@ def test_second_turn_hits_through_event_driven_gateway(started):
     # the line only this checkout's cache logs: the replica runs StatePathEvents
     assert "marconi: KV events publish resumable prefixes only" in server.log_path.read_text(errors="replace")
 
+    # the stored states on this path: turn 1's end (and input end), turn 2's end; all under the latter
     committed2 = turn2 + out2["output_ids"][:-1]
+    want = chain(committed2)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         idx = BlockIndex().apply(list(sub.events))
-        if set(idx.blocks) == set(chain(committed2)):
+        if set(want) <= set(idx.blocks):
             break
         time.sleep(0.3)
-    assert set(idx.blocks) == set(chain(committed2)), (len(idx.blocks), len(committed2))
-    assert [idx.blocks[h][1] for h in chain(committed2)] == committed2
+    assert [idx.blocks.get(h, (None, None))[1] for h in want] == committed2
+    # other published blocks are other paths (the gateway's health checks generate from a
+    # one-token prompt): none continues this path past its end
+    def root_token(h):
+        while idx.blocks[h][0] is not None:
+            h = idx.blocks[h][0]
+        return idx.blocks[h][1]
+    others = set(idx.blocks) - set(want)
+    assert all(root_token(h) != committed2[0] for h in others), others
