@@ -99,7 +99,7 @@ def started(tmp_path_factory):
     # SGLang derives a legacy --grpc-port = --port + 10000 in --smg-grpc-mode and refuses one
     # above 65535 (serving_hook.handle_deprecated_args), though it listens on --port
     grpc_port = next(p for p in iter(launch.free_port, None) if p + 10000 <= 65535)
-    events_port, gw_port = launch.free_port(), launch.free_port()
+    events_port, gw_port, metrics_port = launch.free_port(), launch.free_port(), launch.free_port()
     endpoint = f"tcp://127.0.0.1:{events_port}"
     env = server_env()
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"  # this checkout's plugin code
@@ -117,12 +117,13 @@ def started(tmp_path_factory):
         sub = Subscriber(endpoint)
         sub.start()
         gw_log = logs / "gateway.log"
-        gw_cmd = cl.gateway_command(gw_port, [server.url], "cache_aware",
+        gw_cmd = cl.gateway_command(gw_port, [server.url], "cache_aware", metrics_port=metrics_port,
                                     extra=["--model-path", str(model), "--log-level", "info"])
         with open(gw_log, "wb") as f:
             gproc = subprocess.Popen(gw_cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, cwd=str(logs))
         gateway = cl.Gateway(gproc, f"http://127.0.0.1:{gw_port}", gw_log)
+        gateway.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         deadline = time.monotonic() + 90
         while True:
             try:
@@ -186,3 +187,14 @@ def test_second_turn_hits_through_event_driven_gateway(started):
         return idx.blocks[h][1]
     others = set(idx.blocks) - set(want)
     assert all(root_token(h) != committed2[0] for h in others), others
+
+    # SMG applied the batches, and every stored chain linked to a parent its index held
+    # (a wrong parent hash would be placed as a new chain from the root and counted here)
+    metrics = cl._get(gateway.metrics_url)[1]
+    applied = [ln for ln in metrics.splitlines() if ln.startswith("smg_kv_event_batches_total") and "applied" in ln]
+    assert applied and sum(float(ln.rsplit(" ", 1)[1]) for ln in applied) > 0, applied
+    parentless = [ln for ln in metrics.splitlines() if ln.startswith("smg_kv_event_parentless_stores_total")]
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in parentless) == 0, parentless
+    print(f"turn1 {len(turn1)} tokens + {len(out1['output_ids'])} out; turn2 {len(turn2)} tokens, cached "
+          f"{out2['meta_info']['cached_tokens']}; published blocks {len(idx.blocks)} (this path {len(want)}); "
+          f"SMG {applied}")
