@@ -52,7 +52,7 @@ def _ctx(built_params, server_args, *, hybrid_ssm=True, hf_config=None):
     )
 
 
-def _params(eviction_policy_config=None):
+def _params(eviction_policy_config=None, enable_kv_cache_events=False):
     """CacheInitParams on real pools, as the scheduler's kv_cache_builder makes them."""
     from sglang_marconi.sglang_backend.pools import build_hybrid_cache
 
@@ -67,6 +67,7 @@ def _params(eviction_policy_config=None):
         disable=False,
         tree_components=(ComponentType.FULL, ComponentType.MAMBA),
         eviction_policy_config=eviction_policy_config,
+        enable_kv_cache_events=enable_kv_cache_events,  # the scheduler: --kv-events-config given
     )
 
 
@@ -118,6 +119,22 @@ def test_create_tree_cache_builds_marconi(server_args_marconi):
     assert cache.marconi.alpha == 0.7
     assert cache.marconi.profile.name == "nemotron-h-8b"
     assert cache.supports_mamba()
+
+
+def test_kv_events_config_switches_on_state_path_events(server_args_marconi):
+    """With --kv-events-config the scheduler builds the cache with events on: the Marconi
+    cache publishes through StatePathEvents; without, SGLang's recorder stays (disabled)."""
+    from sglang.srt.mem_cache.events import KVCacheEventRecorder
+    from sglang.srt.mem_cache.registry import create_tree_cache
+
+    from sglang_marconi.sglang_backend.events import StatePathEvents
+
+    on = create_tree_cache(_ctx(_params(enable_kv_cache_events=True), server_args_marconi))
+    assert isinstance(on.tree_core.kv_events, StatePathEvents) and on.state_events is on.tree_core.kv_events
+    assert on.tree_core.kv_events.enabled
+    off = create_tree_cache(_ctx(_params(), server_args_marconi))
+    assert off.state_events is None and type(off.tree_core.kv_events) is KVCacheEventRecorder
+    assert not off.tree_core.kv_events.enabled
 
 
 def test_profile_defaults_to_served_model_config(server_args_marconi):

@@ -18,6 +18,7 @@ from ..policy.admission import AdmissionReason
 from ..policy.config import MarconiConfig
 from ..policy.tuner import AlphaTuner
 from .components import MarconiFullComponent, MarconiMambaComponent
+from .events import StatePathEvents
 from .state import MarconiState
 
 logger = logging.getLogger("sglang_marconi")
@@ -57,8 +58,14 @@ class MarconiRadixCache(UnifiedRadixCache):
 
             tuner = AlphaTuner(config, replay_alphas, tuner_spec)
         self.marconi = MarconiState(config, profile, tuner)
+        self.state_events = None
         super().__init__(params)
         self.marconi.root = self.tree_core.root_node
+        # --kv-events-config: publish resumable prefixes (paths to stored states), not every KV page
+        if self.tree_core.kv_events.enabled:
+            self.state_events = StatePathEvents.replacing(self.tree_core.kv_events)
+            self.tree_core.kv_events = self.state_events
+            logger.info("marconi: KV events publish resumable prefixes only (root -> each stored SSM state)")
         if tuner is not None and config.replay_start == "snapshot":
             tuner.snapshot_fn = self.export_tree
 

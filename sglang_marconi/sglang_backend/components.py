@@ -87,6 +87,9 @@ class MarconiMambaComponent(MambaComponent):
                 st.stamp(node)
             return
         super().commit_insert_component_data(node, is_new_leaf, params, result, cache_actions)
+        events = self.cache.state_events
+        if events is not None:
+            events.state_gained(node)
         st.stamp(node)
         if not result.mamba_exist:
             node.marconi_hits = node.marconi_ihits = 0  # a new state: never hit yet
@@ -158,8 +161,17 @@ class MarconiMambaComponent(MambaComponent):
         new_parent.marconi_L = getattr(child, "marconi_L", 0.0)
         new_parent.marconi_kv_L = getattr(child, "marconi_kv_L", 0.0)
         new_parent.marconi_superseded = getattr(child, "marconi_superseded", False)
+        new_parent.marconi_published = getattr(child, "marconi_published", False)  # the path to child covers it
 
     # -- eviction -------------------------------------------------------------
+    def evict_component(self, node, device_frees, host_frees, cache_actions, target=EvictLayer.DEVICE):
+        had = node.component_data[self.component_type].value is not None
+        freed = super().evict_component(node, device_frees, host_frees, cache_actions, target=target)
+        events = self.cache.state_events
+        if had and events is not None and node.component_data[self.component_type].value is None:
+            events.state_lost(node)
+        return freed
+
     def _holders(self):
         ct = self.component_type
         nodes = self.tree_core.lru_lists[ct].cache.values()

@@ -143,12 +143,14 @@ def build_hybrid_cache(
     tree_core_backend: str = "python",
     enable_mamba_extra_buffer: bool = False,
     deferred_frees: bool = True,
+    enable_kv_cache_events: bool = False,
 ) -> BuiltCache:
     """Build a FULL + MAMBA ``UnifiedRadixCache`` (or ``cache_class``) with real pools.
 
     ``mamba_slots`` counts the slots the tree may hold; one more slot per running
     request is added, as SGLang's ``HybridReqToTokenPool`` sizing does for the
-    requests' own working states. ``deferred_frees=False`` keeps SGLang's stock KV
+    requests' own working states. ``enable_kv_cache_events``: the tree records KV events
+    (``take_events``), as with a server's ``--kv-events-config``. ``deferred_frees=False`` keeps SGLang's stock KV
     allocator (what a live server's cache runs on; the bookkeeping benchmark uses it).
     """
     import torch
@@ -214,6 +216,7 @@ def build_hybrid_cache(
         tree_components=(ComponentType.FULL, ComponentType.MAMBA),
         enable_mamba_extra_buffer=enable_mamba_extra_buffer,
         component_registry_override=component_registry_override,
+        enable_kv_cache_events=enable_kv_cache_events,
     )
     with envs.SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND.override(tree_core_backend):
         cache = (cache_class or UnifiedRadixCache)(params)

@@ -42,6 +42,7 @@ def build_marconi_cache(
     device: str = "cpu",
     shape: PoolShape = PoolShape(),
     deferred_frees: bool = True,
+    enable_kv_cache_events: bool = False,
 ) -> BuiltCache:
     """A MarconiRadixCache on real SGLang pools, with its tuner wired to replay
     on a copy of the same shape (``deferred_frees``: see ``build_hybrid_cache``)."""
@@ -54,7 +55,7 @@ def build_marconi_cache(
 
     return build_hybrid_cache(
         kv_slots=kv_slots, mamba_slots=mamba_slots, device=device, shape=shape, cache_class=cache_class,
-        deferred_frees=deferred_frees,
+        deferred_frees=deferred_frees, enable_kv_cache_events=enable_kv_cache_events,
     )
 
 
