@@ -10,6 +10,8 @@ loadtest/locustfile.py (CSV + HTML reports under --out), stops the server,
 and finally prints (and writes summary.md) a table with TTFT p50/p95, failed
 requests, cached tokens and ratios against ``disabled``. ``--pressure`` serves
 every config with the soak's small pools (``launch.PRESSURE_POOL_FLAGS``).
+``--replicas 1,2`` instead runs the load through SMG's cache_aware gateway in front of 1, then
+2 Marconi replicas (sglang_marconi.cluster).
 """
 
 from __future__ import annotations
@@ -40,17 +42,38 @@ def run_one(name, extra, model, a, out: Path) -> dict:
     pools = launch.PRESSURE_POOL_FLAGS if a.pressure else []
     srv = launch.start_server(model, log_path=out / f"{name}-server.log",
                               extra=["--dtype", "float32", *pools, *extra], ready_timeout=300)
-    record = out / f"{name}-requests.jsonl"
     try:
-        env = {**os.environ, "LOADTEST_RECORD": str(record), "LOADTEST_SEED": str(a.seed)}
-        cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
-               "-u", str(a.users), "-r", str(a.spawn_rate), "-t", a.duration, "--host", srv.url,
-               "--csv", str(out / name), "--html", str(out / f"{name}.html"), "--only-summary",
-               "--stop-timeout", "30", "--exit-code-on-error", "0"]
-        print(f"[{name}] {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, env=env, check=True, cwd=str(out), timeout=_seconds(a.duration) + 240)
+        return _locust(name, srv.url, a, out)
     finally:
         srv.stop()
+
+
+def run_replicas(n: int, model, a, out: Path) -> dict:
+    """``n`` Marconi replicas behind SMG's cache_aware gateway (sglang_marconi.cluster)."""
+    from sglang_marconi import cluster as cl
+    from sglang_marconi.cpu_serving import launch
+
+    pools = launch.PRESSURE_POOL_FLAGS if a.pressure else []
+    name = f"marconi-x{n}"
+    logs = out / f"{name}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    cluster = cl.start_cluster(model, n, "cache_aware", logs, server_extra=pools)
+    try:
+        return _locust(name, cluster.url, a, out)
+    finally:
+        cluster.stop()
+
+
+def _locust(name: str, url: str, a, out: Path) -> dict:
+    record = out / f"{name}-requests.jsonl"
+    record.unlink(missing_ok=True)
+    env = {**os.environ, "LOADTEST_RECORD": str(record), "LOADTEST_SEED": str(a.seed)}
+    cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
+           "-u", str(a.users), "-r", str(a.spawn_rate), "-t", a.duration, "--host", url,
+           "--csv", str(out / name), "--html", str(out / f"{name}.html"), "--only-summary",
+           "--stop-timeout", "30", "--exit-code-on-error", "0"]
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, env=env, check=True, cwd=str(out), timeout=_seconds(a.duration) + 240)
     rows = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
     out_summary = summarize(rows)
     out_summary["failures"] = failures(out / f"{name}_stats.csv")
@@ -93,8 +116,10 @@ def summarize(rows) -> dict:
 
 
 def table(results: dict) -> str:
-    base = results.get("disabled", {})
-    lines = ["| cache | requests | failed | TTFT p50 ms | TTFT p95 ms | cached/prompt tokens | TTFT p50 vs disabled | requests vs disabled |",
+    """Ratios against ``disabled``, or with --replicas against the first replica count."""
+    base_name = "disabled" if "disabled" in results else next(iter(results), "-")
+    base = results.get(base_name, {})
+    lines = [f"| cache | requests | failed | TTFT p50 ms | TTFT p95 ms | cached/prompt tokens | TTFT p50 vs {base_name} | requests vs {base_name} |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if not r.get("requests"):
@@ -118,7 +143,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--pressure", action="store_true",
                     help="serve with the soak's small pools (launch.PRESSURE_POOL_FLAGS: 800 KV tokens, "
-                         "24 state slots): states and KV leaves evicted on most requests")
+                         "16 state slots): states and KV leaves evicted on most requests")
+    ap.add_argument("--replicas", default=None,
+                    help="comma-separated replica counts, e.g. 1,2: instead of --configs, Marconi replicas "
+                         "behind SMG's cache_aware gateway (python -m sglang_marconi.cluster), one run per count")
     ap.add_argument("--model-dir", default=None, help="model to serve (default: built from --model-size)")
     ap.add_argument("--model-size", default="small", choices=["tiny", "small"],
                     help="NemotronH preset built when --model-dir is not given (default small: its prefill costs "
@@ -127,6 +155,11 @@ def main(argv=None) -> int:
     unknown = [c for c in a.configs.split(",") if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"error: --configs: unknown config {unknown[0]!r} (known: {', '.join(CONFIGS)})")
+    replicas = []
+    for r in (a.replicas.split(",") if a.replicas else []):
+        if not r.strip().isdigit() or int(r) < 1:
+            raise SystemExit(f"error: --replicas: {r!r} is not a replica count >= 1")
+        replicas.append(int(r))
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     from sglang_marconi.cpu_serving.launch import DEFAULT_MODEL_DIR
@@ -140,9 +173,11 @@ def main(argv=None) -> int:
         model = build(DEFAULT_MODEL_DIR.parent / f"{a.model_size}-nemotron-h", dtype="float32",
                       **MODEL_PRESETS[a.model_size])
     results = {}
-    for name in a.configs.split(","):
+    runs = ([(f"marconi-x{n}", lambda n=n: run_replicas(n, model, a, out)) for n in replicas] if replicas else
+            [(name, lambda name=name: run_one(name, CONFIGS[name], model, a, out)) for name in a.configs.split(",")])
+    for name, run in runs:
         t0 = time.monotonic()
-        results[name] = run_one(name, CONFIGS[name], model, a, out)
+        results[name] = run()
         print(f"[{name}] done in {time.monotonic() - t0:.0f}s: {results[name]}", flush=True)
     t = table(results)
     (out / "summary.md").write_text(t + "\n")
