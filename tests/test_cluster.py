@@ -136,3 +136,13 @@ def test_cluster_option_errors_are_one_line(capsys, args, message):
     assert cl.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_replicas_split_the_cores_unless_the_user_set_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cl.os, "cpu_count", lambda: 8)
+    assert cl.replica_env(1) == {"OMP_NUM_THREADS": "8"}
+    assert cl.replica_env(3) == {"OMP_NUM_THREADS": "2"}
+    assert cl.replica_env(16) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert cl.replica_env(2) == {}  # the user's setting reaches the replicas unchanged
