@@ -194,10 +194,10 @@ def test_prometheus_metrics_and_log_line(servers, runs):
     assert vals["marconi_hit_tokens"] > 0
     assert vals["marconi_last_token_checkpoints"] > 0
     assert vals["marconi_alpha"] == 0.0  # the default has no α
-    for name in ("marconi_branch_checkpoints", "marconi_state_evictions", "marconi_leaf_evictions", "marconi_fork_hits"):
+    for name in ("marconi_branch_checkpoints", "marconi_requests_evicting", "marconi_state_evictions", "marconi_leaf_evictions", "marconi_fork_hits"):
         assert name in vals
     log = srv.log_path.read_text(errors="replace")
-    assert re.search(rf"marconi: requests={n} matches=\d+ state_hits=[1-9]", log), srv.log_tail()
+    assert re.search(rf"marconi: requests={n} evicting_requests=\d+ matches=\d+ state_hits=[1-9]", log), srv.log_tail()
     assert re.search(r"alpha=0\.000 order=value$", log, re.M), srv.log_tail()
 
 
