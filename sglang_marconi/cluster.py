@@ -79,10 +79,11 @@ def _get(url: str, timeout: float = 5.0):
 
 
 def start_gateway(worker_urls: Sequence[str], policy: str, log_path: Path, port: Optional[int] = None,
-                  ready_timeout: float = 120.0, extra: Sequence[str] = ()) -> Gateway:
+                  ready_timeout: float = 120.0, extra: Sequence[str] = (), metrics_port: Optional[int] = None) -> Gateway:
     port = port or launch.free_port()
     log = open(log_path, "wb")
-    proc = subprocess.Popen(gateway_command(port, worker_urls, policy, extra), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(gateway_command(port, worker_urls, policy, extra, metrics_port), stdout=log,
+                            stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(log_path.parent))
     log.close()
     gw = Gateway(proc, f"http://127.0.0.1:{port}", log_path)

@@ -116,24 +116,9 @@ def started(tmp_path_factory):
         _wait_log(srv_log, "gRPC server listening", proc, 240)
         sub = Subscriber(endpoint)
         sub.start()
-        gw_log = logs / "gateway.log"
-        gw_cmd = cl.gateway_command(gw_port, [server.url], "cache_aware", metrics_port=metrics_port,
-                                    extra=["--model-path", str(model), "--log-level", "info"])
-        with open(gw_log, "wb") as f:
-            gproc = subprocess.Popen(gw_cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=str(logs))
-        gateway = cl.Gateway(gproc, f"http://127.0.0.1:{gw_port}", gw_log)
+        gateway = cl.start_gateway([server.url], "cache_aware", logs / "gateway.log", port=gw_port, ready_timeout=90,
+                                   extra=["--model-path", str(model), "--log-level", "info"], metrics_port=metrics_port)
         gateway.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if cl._get(gateway.url + "/readiness")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or gproc.poll() is not None:
-                raise RuntimeError("gateway not ready:\n" + gw_log.read_text(errors="replace")[-3000:])
-            time.sleep(0.5)
         yield model, server, gateway, sub
     finally:
         if sub is not None:
