@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore", message=".*support AWQ.*")
 def make_marconi():
     """make_marconi(kv_slots, mamba_slots, kv_budget=None, state_budget=None, **config) -> (built, driver).
 
-    Config defaults here: alpha 0, utility_form "sum", inline tuner, input_state,
+    Config defaults here: alpha 0, utility_form "sum", inline tuner, input_state, anchor_state,
     tombstones_first, superseded_first and ended_first false, bytes freed counted
     as the node's own KV (the α utility's hand-computed cases; the value rule keeps its default), tombstones_spare_fork_hits off, end_labels "cache",
     the superseded share counted from the root at 0.5 (the base rules the hand-computed tests spell out)."""
@@ -31,6 +31,7 @@ def make_marconi():
         # the base admission (branch point + last token); tests of the default's
         # input-end state pass input_state=True
         config.setdefault("input_state", False)
+        config.setdefault("anchor_state", False)  # the anchor state's own tests turn it on
         config.setdefault("tombstones_first", False)
         config.setdefault("superseded_first", False)
         config.setdefault("ended_first", False)

@@ -13,12 +13,13 @@ import pytest
 
 from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
-from sglang_marconi.policy.admission import AdmissionReason
+from sglang_marconi.policy.admission import AdmissionReason, anchor_position
 
 MAMBA = ComponentType.MAMBA
 FULL = ComponentType.FULL
 BP = AdmissionReason.BRANCH_POINT.value
 LT = AdmissionReason.LAST_TOKEN.value
+AN = AdmissionReason.ANCHOR.value
 
 
 def walk(node):
@@ -169,8 +170,55 @@ def test_next_turn_hit_len_is_committed_length(make_marconi):
 # ----------------------------------------------------------------- per-request bounds
 
 
-def test_every_request_admits_at_most_two_states_at_documented_positions(make_marconi):
-    built, drv = make_marconi(kv_slots=20000, mamba_slots=2000)
+def test_anchor_gives_the_first_reuse_a_hit(make_marconi):
+    """The default's anchor state: a request that creates no branch point checkpoints the
+    largest power of two within its input, past its hit."""
+    built, drv = make_marconi(anchor_state=True)
+    system = toks(1000, 40)
+    r1 = drv.run(system + [1, 2, 3], [7, 8, 9])
+    # no match, no branch point: the anchor at 32 (43 tokens) and the last token
+    assert r1.checkpoints == [(32, AN, True), (45, LT, True)]
+    # the first reuse hits the anchor, and the KV match past it makes the branch point at 40
+    r2 = drv.run(system + [4, 5, 6], [7, 8])
+    assert r2.hit_len == 32
+    assert r2.flops_saved == pytest.approx(built.cache.marconi.profile.prefill_flops(0, 32))
+    assert r2.checkpoints == [(40, BP, True), (44, LT, True)]
+    # the second reuse hits the branch point; its anchor (32) lies inside its hit: none
+    r3 = drv.run(system + [10, 11], [12])
+    assert r3.hit_len == 40 and r3.checkpoints == [(42, LT, True)]
+    # a next turn past 64 tokens crosses a power of two: its anchor is 64
+    r4 = drv.run(system + [10, 11, 12] + toks(5000, 30), [13])
+    assert r4.hit_len == 42 and r4.checkpoints == [(64, AN, True), (73, LT, True)]
+    assert state_positions(built) == [32, 40, 42, 44, 45, 64, 73]
+    assert built.cache.marconi.counters.as_dict()["admitted_anchor"] == 2
+
+
+@pytest.mark.parametrize("input_len, hit, grid, expected", [
+    (43, 0, 1, 32), (32, 0, 1, 32), (33, 31, 1, 32), (33, 32, 1, None), (63, 40, 1, None), (64, 40, 1, 64),
+    (1, 0, 1, 1), (0, 0, 1, None), (13_700, 0, 64, 8192), (100, 0, 64, 64), (63, 0, 64, None),
+])
+def test_anchor_position(input_len, hit, grid, expected):
+    assert anchor_position(input_len, hit, grid) == expected
+
+
+def test_anchor_plan_takes_the_slot_a_branch_point_leaves():
+    from sglang_marconi.policy.admission import Checkpoint, MarconiAdmission
+
+    adm = MarconiAdmission(anchor=True)
+    A, B, L = AdmissionReason.ANCHOR, AdmissionReason.BRANCH_POINT, AdmissionReason.LAST_TOKEN
+    assert adm.plan(100, 105, 0, 0) == [Checkpoint(64, A), Checkpoint(105, L)]
+    assert adm.plan(100, 105, 0, 70) == [Checkpoint(70, B), Checkpoint(105, L)]  # a branch point: no anchor
+    assert adm.plan(100, 105, 64, 64) == [Checkpoint(105, L)]  # the anchor lies in the hit
+    assert adm.plan(64, 64, 0, 0) == [Checkpoint(64, L)]  # it would be the last-token state
+    # the input-end experiment keeps its own slot; grid mode puts the anchor on the grid
+    assert MarconiAdmission(anchor=True, input_state=True).plan(100, 105, 0, 0)[0] == Checkpoint(100, AdmissionReason.INPUT_END)
+    assert MarconiAdmission("grid", 64, anchor=True).plan(100, 105, 0, 0)[0] == Checkpoint(64, A)
+    assert MarconiAdmission("grid", 64, anchor=True).plan(60, 65, 0, 0) == [Checkpoint(65, L)]
+
+
+@pytest.mark.parametrize("anchor", [False, True])
+def test_every_request_admits_at_most_two_states_at_documented_positions(make_marconi, anchor):
+    built, drv = make_marconi(kv_slots=20000, mamba_slots=2000, anchor_state=anchor)
     rng = random.Random(7)
     prefixes = [toks(10000 * (i + 1), rng.randint(5, 60)) for i in range(4)]
     history = []
@@ -192,10 +240,13 @@ def test_every_request_admits_at_most_two_states_at_documented_positions(make_ma
         committed = len(inp) + max(len(out) - 1, 0)
         assert len(r.checkpoints) <= 2
         assert r.checkpoints[-1][:2] == (committed, LT)
+        p = anchor_position(len(inp), r.hit_len) if anchor else None
         if len(r.checkpoints) == 2:
             pos, why, _ = r.checkpoints[0]
-            assert why == BP
+            assert why == BP or (why == AN and pos == p)
             assert r.hit_len < pos <= len(inp) and pos < committed
+        else:  # no branch point, so no anchor either: none past the hit, or it is the last token's
+            assert p is None or p >= committed
         assert 0 <= r.hit_len <= len(inp) - 1
         # admitted flags agree with the tree: new states == admitted count
         states_after = state_positions(built)

@@ -214,3 +214,51 @@ def test_finished_request_hands_its_ending_to_ended_first(make_marconi, final):
     # the match above hit the sequence's end: the ending counted as continued, the mark lifted
     assert st.end_predictor._stats[(903, 904)] == [1, 8 if final else 0]
     assert not getattr(node, "marconi_ended", False)
+
+
+def test_anchor_on_the_scheduler_path(make_marconi):
+    """The default's anchor state, live: a request whose match has no branch point gets
+    its anchor (the largest power of two within its input, past its hit) as
+    ``mamba_branching_seqlen``; the chunk checkpoint there admits the live state as an
+    anchor (a copy in a cache slot), once; a later match that finds a real branch point
+    replaces it."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from sglang.test.mem_cache_utils import finish_req
+
+    from sglang_marconi.policy import AdmissionReason
+
+    built, _ = make_marconi(kv_slots=512, mamba_slots=8, anchor_state=True)
+    cache = built.cache
+    tokens = list(range(300, 345))  # 45 tokens: anchor 32
+    req, live, expected = _req_with_state(built, "r1", tokens, seed=3)
+    m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens[:-1])), req=req))
+    assert m.mamba_branching_seqlen == 32 and req.marconi_anchor == 32
+    req.mamba_branching_seqlen = m.mamba_branching_seqlen  # what SGLang's scheduler copies
+    cache.checkpoint(req, up_to=20)  # a chunk that ends elsewhere: KV only
+    assert cache.mamba_evictable_size() + cache.mamba_protected_size() == 0
+    cache.checkpoint(req, up_to=32)
+    cache.checkpoint(req, up_to=32)  # a retry: not a second state
+    assert cache.mamba_evictable_size() + cache.mamba_protected_size() == 1
+    hit = _match(built, tokens[:40])
+    assert hit.device_prefix_len == 32
+    _assert_cached_copy(built, hit, live, expected)
+    _decode(built, req, [901, 902])
+    finish_req(cache, req, len(tokens) + 1)
+    c = cache.marconi.counters.as_dict()
+    assert (c["admitted_anchor"], c["admitted_branch_point"], c["admitted_last_token"]) == (1, 0, 1)
+
+    # a sibling diverging at 40: a real branch point, no anchor
+    sib = _req(built, "r2", tokens[:40] + list(range(700, 710)))
+    req2 = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", sib.origin_input_ids[:-1])), req=sib))
+    assert req2.device_prefix_len == 32 and req2.mamba_branching_seqlen == 40 and sib.marconi_anchor is None
+
+
+def test_no_anchor_when_off(make_marconi):
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    built, _ = make_marconi(kv_slots=512, mamba_slots=8, anchor_state=False)
+    req = _req(built, "r1", list(range(300, 345)))
+    m = built.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", req.origin_input_ids[:-1])), req=req))
+    assert m.mamba_branching_seqlen is None and getattr(req, "marconi_anchor", None) is None

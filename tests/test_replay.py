@@ -47,25 +47,32 @@ def run_of(doc, policy):
     return run
 
 
-def test_purely_input_reuse_hits_on_the_third_request(tmp_path):
+def test_purely_input_reuse_hits_the_anchor_then_the_branch_point(tmp_path):
     system = toks(1000, 40)
     reqs = [("a", system + [1, 2, 3], [7, 8, 9]), ("b", system + [4, 5, 6], [7, 8]), ("c", system + [10, 11], [12])]
-    doc = replay_json(tmp_path, write_trace(tmp_path / "t.jsonl", reqs), "--policies", "marconi", *BIG)
+    doc = replay_json(tmp_path, write_trace(tmp_path / "t.jsonl", reqs), "--policies", "marconi,marconi:no-anchor", *BIG)
+    # 1st (no hit, no branch point) admits its anchor at 32 (the largest power of two
+    # within 43 tokens) and its last token; the 2nd hits the anchor's 32 tokens and
+    # admits the branch point at 40 (where the KV match ends) + its last token; the 3rd
+    # hits all 40 (its anchor, 32, is not past its hit: only its last token)
     run = run_of(doc, "marconi")
-    # 1st builds the path, 2nd creates the branch checkpoint at token 40 (saves 0), 3rd hits all 40
-    assert run["hit_tokens"] == 40
+    assert run["hit_tokens"] == 32 + 40
     assert run["input_tokens"] == 43 + 43 + 42
-    assert run["token_hit_rate"] == round(40 / 128, 6)
-    assert run["ssm_hits"] == 1
+    assert run["token_hit_rate"] == round(72 / 128, 6)
+    assert run["ssm_hits"] == 2
     assert run["requests"] == 3
-    # states: r1 last token; r2 branch point + last token; r3 last token
-    assert run["states_admitted_per_request"] == round(4 / 3, 4)
+    assert run["states_admitted_per_request"] == round(5 / 3, 4)
     assert run["evictions"] == 0
     from sglang_marconi.policy import builtin_profile
 
-    assert run["flops_saved"] == pytest.approx(builtin_profile("paper-7b").prefill_flops(0, 40))
+    prof = builtin_profile("paper-7b")
+    assert run["flops_saved"] == pytest.approx(prof.prefill_flops(0, 32) + prof.prefill_flops(0, 40))
     assert run["ttft_p95_ms"] == pytest.approx(17.8 + 0.053 * 43)
-    assert run["ttft_p50_ms"] == pytest.approx(17.8 + 0.053 * 43)
+    assert run["ttft_p50_ms"] == pytest.approx(17.8 + 0.053 * (43 - 32))
+    # without the anchor (the paper's admission) the first reuse misses: only the 3rd hits
+    old = run_of(doc, "marconi:no-anchor")
+    assert old["hit_tokens"] == 40 and old["ssm_hits"] == 1
+    assert old["states_admitted_per_request"] == round(4 / 3, 4)
 
 
 def test_multi_turn_hits_previous_input_plus_output(tmp_path):

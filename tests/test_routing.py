@@ -74,14 +74,15 @@ def test_routers_on_two_sessions_hand_computed(tmp_path):
 
 
 def test_state_aware_goes_where_the_state_is(tmp_path):
-    # x1 = S + u1 runs on replica 0; x2 = S + u2 shares S (40 of 50 tokens: above the threshold),
+    # x1 = S + u1 runs on replica 0; x2 = S + u2 shares S (48 of 64 tokens: above the threshold),
     # so SMG's tree sends it to replica 0, where no state sits at S; state_aware sees no hit
     # anywhere and balances it to replica 1. A third request on S hits the branch state x2
-    # left on whichever replica ran it.
+    # left on whichever replica ran it. (Each input is 64 tokens, so a request's anchor state
+    # sits at its own end, past S.)
     s = toks(0, 48)
-    reqs = [("x", s + toks(100, 10), [1, 2]), ("y", s + toks(200, 10), [3, 4]), ("z", s + toks(300, 10), [5])]
+    reqs = [("x", s + toks(100, 16), [1, 2]), ("y", s + toks(200, 16), [3, 4]), ("z", s + toks(300, 16), [5])]
     runs = _fleet_doc(tmp_path, reqs, "--replicas", "2", "--router", "cache_aware,state_aware,state_only")
-    # cache_aware: y and z follow x (S matched: 48 of 58 tokens); y branches at 48 on replica 0
+    # cache_aware: y and z follow x (S matched: 48 of 64 tokens); y branches at 48 on replica 0
     # and Marconi checkpoints that branch point, which z then hits
     assert [r["requests"] for r in runs["cache_aware"]["per_replica"]] == [3, 0]
     assert runs["cache_aware"]["hit_tokens"] == 48
@@ -136,10 +137,10 @@ def test_kv_prefix_is_not_a_hit(router, chosen):
                               Budget(kv_gb=2, ssm_gb=2), TraceShape(longest=200, requests=10, stream_tokens=2000),
                               PolicyOptions(), 17.8, 0.053)
     try:
-        a, x, c = toks(0, 40), toks(100, 20), [7, 7, 7]
-        fleet.drivers[0].run(a + x, c)  # states at the input's end and after the reply (60, 62)
-        fleet.drivers[1].run(a + toks(200, 20), c)
-        fleet.drivers[1].run(a + toks(300, 20), c)  # branches at 40: Marconi checkpoints it
+        a, x, c = toks(0, 40), toks(100, 30), [7, 7, 7]
+        fleet.drivers[0].run(a + x, c)  # states at its anchor and after the reply (64, 72): past 50
+        fleet.drivers[1].run(a + toks(200, 30), c)
+        fleet.drivers[1].run(a + toks(300, 30), c)  # branches at 40: Marconi checkpoints it
         prompt = tuple(a + x[:10] + toks(400, 10))
         assert [d.peek_hit(prompt, kv=True) for d in fleet.drivers] == [50, 40]
         assert [d.peek_hit(prompt[:-1]) for d in fleet.drivers] == [0, 40]

@@ -43,6 +43,7 @@ def make():
 
     def build(events=True, kv_slots=2048, mamba_slots=16, kv_budget=None, state_budget=None, **config):
         config.setdefault("tuner", "inline")
+        config.setdefault("anchor_state", False)  # the hand-computed streams: branch point + last token
         cfg = parse_config(config)
         built = build_marconi_cache(kv_slots=kv_slots, mamba_slots=mamba_slots, config=cfg,
                                     profile=builtin_profile("paper-7b"), enable_kv_cache_events=events)
@@ -253,13 +254,14 @@ def test_state_lost_above_kv_only_tail_removes_back_to_the_next_state(make):
     assert index.blocks == expected_blocks(built) and len(index.blocks) == 10
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_stream_matches_the_state_paths(make, seed):
+@pytest.mark.parametrize("seed, admission", [(0, "input_state"), (1, "input_state"), (2, "anchor_state"),
+                                             (3, "anchor_state")])
+def test_random_stream_matches_the_state_paths(make, seed, admission):
     """Random sessions over shared prefixes under tiny budgets (evicting all the time),
     with KV-only inserts and count-driven evictions mixed in: after every step the
     index rebuilt from the stream is exactly root -> every stored state."""
     rng = random.Random(seed)
-    built, drv = make(alpha=0.5, kv_slots=700, mamba_slots=12, kv_budget=160, state_budget=5, input_state=True)
+    built, drv = make(alpha=0.5, kv_slots=700, mamba_slots=12, kv_budget=160, state_budget=5, **{admission: True})
     index = BlockIndex()
     prefixes = [[rng.randrange(5, 50) for _ in range(rng.randrange(4, 25))] for _ in range(4)]
     history = []

@@ -10,6 +10,14 @@ Per request, at most two SSM states enter the cache:
 * LAST_TOKEN — when the request finishes, the state after its last decoded
   token (the end of its committed KV) is checkpointed, so the next turn of the
   same conversation hits the whole previous input + output.
+* ANCHOR — a request that creates no branch point spends its other state on
+  the largest power of two within its input, when that lies past its hit
+  (:func:`anchor_position`). A branch point only appears with a prefix's
+  second user, so without it the first reuse of a shared prefix (a long
+  document asked a second question) misses; with it that reuse hits at least
+  half of any shared prefix the anchor lies in. Positions 2^k are the same for
+  every request, so siblings find each other's anchor, and one growing
+  sequence places at most log2(length) of them over its life.
 
 Nothing else is admitted. Positions are exact tokens by default; in "grid"
 mode the branch point is floored to SGLang's mamba checkpoint grid (what an
@@ -28,6 +36,7 @@ class AdmissionReason(str, enum.Enum):
     BRANCH_POINT = "branch_point"
     LAST_TOKEN = "last_decoded_token"
     INPUT_END = "input_end"  # the state after prefill (option input_state)
+    ANCHOR = "anchor"  # the largest power of two within the input (no branch point)
     GRID = "grid"  # baselines: a state on a fixed grid of positions
 
 
@@ -58,6 +67,16 @@ def branch_point(
     elif mode != "exact":
         raise ValueError(f"branch point mode must be 'exact' or 'grid', got {mode!r}")
     return pos if pos > state_hit_len else None
+
+
+def anchor_position(input_len: int, hit_len: int, grid: int = 1) -> Optional[int]:
+    """The anchor state's position: the largest power of two ``p <= input_len``,
+    when ``p > hit_len`` (a state past what the request reuses) and ``p`` lies on
+    the checkpoint ``grid`` (SGLang's extra_buffer grid); else None."""
+    if input_len < 1:
+        return None
+    p = 1 << (input_len.bit_length() - 1)
+    return p if p > hit_len and p % grid == 0 else None
 
 
 def plan_request(
@@ -110,14 +129,18 @@ class MarconiAdmission(Admission):
 
     name = "marconi"
 
-    def __init__(self, mode: str = "exact", grid: int = 1, input_state: bool = False):
-        self.mode, self.grid, self.input_state = mode, grid, input_state
+    def __init__(self, mode: str = "exact", grid: int = 1, input_state: bool = False, anchor: bool = False):
+        self.mode, self.grid, self.input_state, self.anchor = mode, grid, input_state, anchor
 
     def plan(self, input_len, committed, hit, full_kv_hit):
         plan = plan_request(input_len, committed, hit, branch_point(full_kv_hit, hit, mode=self.mode, grid=self.grid))
         branch_planned = any(c.reason is AdmissionReason.BRANCH_POINT for c in plan)
         if self.input_state and admits_input_end(input_len, committed, hit, branch_planned):
             plan.insert(0, Checkpoint(input_len, AdmissionReason.INPUT_END))
+        elif self.anchor and not branch_planned:
+            p = anchor_position(input_len, hit, self.grid if self.mode == "grid" else 1)
+            if p is not None and p < committed:  # at `committed` it is the last-token state
+                plan.insert(0, Checkpoint(p, AdmissionReason.ANCHOR))
         return plan
 
 

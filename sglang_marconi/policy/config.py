@@ -28,7 +28,7 @@ VARIANTS = ("marconi", "paper")
 #: and its tuner (α auto, tuned once, on the first window after the first
 #: eviction, scored from a cold start, no memory or hysteresis, grid 0..2 step
 #: 0.1) unless the keys are given explicitly.
-PAPER_TUNER_DEFAULTS = {"alpha": None, "utility_form": "sum", "input_state": False, "tombstones_first": False, "superseded_first": False, "ended_first": False, "single_budget_marks": "off", "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
+PAPER_TUNER_DEFAULTS = {"alpha": None, "utility_form": "sum", "input_state": False, "anchor_state": False, "tombstones_first": False, "superseded_first": False, "ended_first": False, "single_budget_marks": "off", "retune": False, "confirm": False, "warm_start": False, "switch_margin": 0.0, "score_decay": 0.0,
                         "alpha_grid": PAPER_ALPHA_GRID}
 BRANCH_POINT_MODES = ("exact", "grid")
 TUNER_MODES = ("process", "thread", "inline")
@@ -67,7 +67,7 @@ _CHOICES = {
 }
 _BOOLS = ("retune", "warm_start", "confirm", "tombstones_first", "density_reuse",
           "tombstones_spare_branches", "superseded_first", "superseded_needs_state",
-          "ended_first", "ended_in_density", "value_frequency")
+          "ended_first", "ended_in_density", "value_frequency", "anchor_state")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "end_tail_tokens": 1}
@@ -172,6 +172,11 @@ class MarconiConfig:
     #: value rule it bought +0.14% over the choice half's two-pool cells and
     #: cost half of the per-request bookkeeping (docs/policy.md).
     input_state: Union[bool, str] = False
+    #: A request that creates no branch point spends its second state on the
+    #: largest power of two within its input, past its hit (admission.py's
+    #: ``anchor_position``): the first reuse of a shared prefix then hits. On
+    #: by default; off in ``lru`` (the paper's SGLang+) and ``variant: "paper"``.
+    anchor_state: bool = True
     #: "marconi" (this project's default: replay distance to the nearest
     #: ancestor state, node-local bytes) or "paper" (the paper's formulas as
     #: stated: saved FLOPs from the parent, bytes counting the path's KV).

@@ -5,6 +5,8 @@ They subclass SGLang's own components and change only policy:
 MarconiMambaComponent (the SSM-state pool)
   * match: the branch point is the exact end of the KV match when it runs past
     the deepest SSM state ("exact"), or SGLang's checkpoint grid ("grid");
+    with none, the request's anchor (the largest power of two within its
+    input, past its hit) takes its place (``anchor_state``);
   * a hit stamps only the deepest matched node (the one whose state is used);
   * insert accepts ``mamba_value=None``: KV enters the tree without a state,
     which is how Marconi declines every state but its two per request;
@@ -32,7 +34,7 @@ from sglang.srt.mem_cache.unified_cache.components.base import (
 from sglang.srt.mem_cache.unified_cache.components.full import FullComponent
 from sglang.srt.mem_cache.unified_cache.components.mamba import MambaComponent
 
-from ..policy.admission import AdmissionReason, admits_input_end, branch_point
+from ..policy.admission import AdmissionReason, admits_input_end, anchor_position, branch_point
 
 
 
@@ -58,11 +60,20 @@ class MarconiMambaComponent(MambaComponent):
                 # the request diverges right at this state from its children: a fork
                 node.marconi_fork_hits = getattr(node, "marconi_fork_hits", 0) + 1
                 st.counters.fork_hits += 1
+        boundary = result.device_prefix_len + result.host_hit_length
         if st.config.branch_points == "exact":
-            boundary = result.device_prefix_len + result.host_hit_length
             result = result._replace(
                 mamba_branching_seqlen=branch_point(result.full_kv_hit_length, boundary, mode="exact")
             )
+        req = getattr(params, "req", None)
+        if req is not None and st.config.anchor_state:
+            # No branch point: the request's other state goes to its anchor
+            # (checkpointed like a branch point; prepare_for_caching_req tells them apart).
+            req.marconi_anchor = None
+            if result.mamba_branching_seqlen is None:
+                grid = self.mamba_checkpoint_grid if st.config.branch_points == "grid" else 1
+                req.marconi_anchor = anchor_position(len(req.origin_input_ids), boundary, grid)
+                result = result._replace(mamba_branching_seqlen=req.marconi_anchor)
         return result
 
     def refresh_lru(self, phase, node, root_node) -> None:
@@ -109,8 +120,8 @@ class MarconiMambaComponent(MambaComponent):
 
         Finished: the last decoded token's state is donated (SGLang's own path).
         Unfinished (a prefill chunk or a decode checkpoint): the state is
-        admitted only when this checkpoint lands on the request's branch point,
-        once, or (option ``input_state``) on the end of its input when it has no
+        admitted only when this checkpoint lands on the request's branch point
+        (or, with none, its anchor: ``marconi_anchor``), once, or (option ``input_state``) on the end of its input when it has no
         branch point; otherwise the KV is published without a state.
         """
         if is_finished:
@@ -122,7 +133,8 @@ class MarconiMambaComponent(MambaComponent):
         reason = None
         if branch is not None and at == branch and not getattr(req, "marconi_branch_admitted", False):
             req.marconi_branch_admitted = True
-            reason = AdmissionReason.BRANCH_POINT
+            anchor = getattr(req, "marconi_anchor", None) == branch
+            reason = AdmissionReason.ANCHOR if anchor else AdmissionReason.BRANCH_POINT
         elif (self.marconi.config.input_state_on(self.marconi.config.single_budget_gb is not None)
               and not getattr(req, "marconi_input_admitted", False)):
             input_len = len(req.origin_input_ids)

@@ -110,7 +110,8 @@ class CacheDriver:
             if self.marconi is not None:
                 cfg = self.marconi.config
                 grid = self.cache.components[_mamba_ct()].mamba_checkpoint_grid
-                admission = MarconiAdmission(cfg.branch_points, grid, input_state=cfg.input_state_on(byte_budget is not None))
+                admission = MarconiAdmission(cfg.branch_points, grid, input_state=cfg.input_state_on(byte_budget is not None),
+                                             anchor=cfg.anchor_state)
             else:
                 admission = SGLangGridAdmission(self.cache.components[_mamba_ct()].mamba_checkpoint_grid)
         self.admission = admission

@@ -30,6 +30,7 @@ GAUGES = {
     "marconi_branch_checkpoints": "SSM states admitted at a branch point (speculative insertion)",
     "marconi_last_token_checkpoints": "SSM states admitted after a request's last decoded token",
     "marconi_input_end_checkpoints": "SSM states admitted at the end of a request's input (input_state)",
+    "marconi_anchor_checkpoints": "SSM states admitted at the largest power of two within a request's input (no branch point)",
     "marconi_state_hits": "prefix matches that resumed from a cached SSM state",
     "marconi_matches": "prefix-match calls seen by the Marconi cache",
     "marconi_hit_tokens": "tokens served from the cache on state hits",
@@ -49,6 +50,7 @@ _KEYS = {
     "marconi_branch_checkpoints": "admitted_branch_point",
     "marconi_last_token_checkpoints": "admitted_last_token",
     "marconi_input_end_checkpoints": "admitted_input_end",
+    "marconi_anchor_checkpoints": "admitted_anchor",
     "marconi_state_hits": "state_hits",
     "marconi_matches": "matches",
     "marconi_hit_tokens": "hit_tokens",
@@ -76,7 +78,7 @@ def log_line(values: Dict[str, float], order: str) -> str:
     """One INFO line; ``order``: the eviction order (the cache's utility form)."""
     return (
         "marconi: requests=%d evicting_requests=%d matches=%d state_hits=%d hit_tokens=%d branch_checkpoints=%d "
-        "last_token_checkpoints=%d input_end_checkpoints=%d state_evictions=%d leaf_evictions=%d evicted_tokens=%d alpha=%.3f "
+        "last_token_checkpoints=%d input_end_checkpoints=%d anchor_checkpoints=%d state_evictions=%d leaf_evictions=%d evicted_tokens=%d alpha=%.3f "
         "order=%s"
         % (
             values["marconi_requests_finished"],
@@ -87,6 +89,7 @@ def log_line(values: Dict[str, float], order: str) -> str:
             values["marconi_branch_checkpoints"],
             values["marconi_last_token_checkpoints"],
             values["marconi_input_end_checkpoints"],
+            values["marconi_anchor_checkpoints"],
             values["marconi_state_evictions"],
             values["marconi_leaf_evictions"],
             values["marconi_evicted_tokens"],

@@ -74,6 +74,7 @@ class MarconiCounters:
             "admitted_branch_point": self.admitted[AdmissionReason.BRANCH_POINT],
             "admitted_last_token": self.admitted[AdmissionReason.LAST_TOKEN],
             "admitted_input_end": self.admitted[AdmissionReason.INPUT_END],
+            "admitted_anchor": self.admitted[AdmissionReason.ANCHOR],
             "state_evictions": self.state_evictions,
             "leaf_evictions": self.leaf_evictions,
             "evicted_tokens": self.evicted_tokens,
