@@ -14,8 +14,10 @@ hit. A sibling that shares only a system prompt with an earlier request
 creates a branch point inside the cached tree; the plugin ends that request's
 first prefill chunk exactly there (``plugin.cut_prefill_at_branch_point``),
 the Marconi component admits the state, and the *third* request sharing the
-prompt hits it. The tests assert exactly that, and that the cut chunk leaves
-greedy outputs unchanged.
+prompt hits it. The first request, which creates no branch point, admits its
+anchor the same way (the largest power of two within its input), which the
+second request hits. The tests assert exactly that, and that the cut chunks
+leave greedy outputs unchanged.
 
 Skipped (with the reason) without the server requirements or the
 ``sglang.srt.plugins`` entry point; see tests/test_cpu_serving.py.
@@ -166,12 +168,16 @@ def test_marconi_reports_cached_tokens(runs):
     for b in (0, 1):  # both branches share the base conversation's stored state
         assert cached[f"branch-{b}"] == len(base_ids) + len(base_out) - 1
         assert cached[f"branch-{b}-deeper"] > cached[f"branch-{b}"]
-    # the shared system prompt: request 1 creates the branch point (its first chunk
-    # ends there and the state is admitted), request 2 hits exactly that prefix
-    assert cached["shared-system-0"] == 0 and cached["shared-system-1"] == 0
+    # the shared system prompt: request 0 (no hit, no branch point) admits its anchor, the
+    # largest power of two within its input (its first chunk ends there); request 1 hits it
+    # when it lies in the shared prompt and creates the branch point (its first chunk ends
+    # there and the state is admitted); request 2 hits exactly that prefix
     ids = [by_label[f"shared-system-{i}"][1] for i in range(3)]
     first = ids[0] + by_label["shared-system-0"][2]
     common = next(k for k in range(min(len(first), len(ids[1]))) if first[k] != ids[1][k])
+    anchor = 1 << (len(ids[0]).bit_length() - 1)
+    assert cached["shared-system-0"] == 0
+    assert cached["shared-system-1"] == (anchor if anchor <= common else 0)
     assert cached["shared-system-2"] == common > 0
 
 

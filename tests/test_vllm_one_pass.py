@@ -37,10 +37,11 @@ def _tree(drv) -> tuple:
     )
 
 
-def _replay(trace, budget, one_pass: bool, check_every: int = 8):
+def _replay(trace, budget, one_pass: bool = True, check_every: int = 8, policy: str = "vllm", fast_queue: bool = True):
     shape = TraceShape(longest=trace.longest, requests=len(trace.requests), stream_tokens=trace.stream_tokens())
-    built, drv, _ = build_policy("vllm", builtin_profile("paper-7b"), budget, shape, PolicyOptions())
+    built, drv, _ = build_policy(policy, builtin_profile("paper-7b"), budget, shape, PolicyOptions())
     drv.one_pass = one_pass
+    drv.cache.single_queue_fast = fast_queue
     counter = _EvictionCounter(drv)
     per_request, trees = [], []
     try:
@@ -82,6 +83,25 @@ def test_one_pass_equals_insert_per_checkpoint(spec, kw):
             evicted += ref[0][-1][2] > 0
             assert sum(h for h, *_ in ref[0]) > 0
     assert evicted >= 2  # the tight budgets evict: the comparison covers eviction order
+
+
+@pytest.mark.parametrize("spec,kw", [("swe-agent", {"sessions": 3, "max_turns": 12}), ("sharegpt", {"sessions": 10}),
+                                     ("longdoc:0", {"sessions": 12, "max_tokens": None})])
+@pytest.mark.parametrize("policy", ["vllm", "lru"])
+def test_single_budget_recency_queue_equals_rescoring(spec, kw, policy):
+    """Under one byte budget the recency order keeps one heap per eviction call
+    (``MarconiRadixCache._evict_to_bytes_recency``); the reference rescores every
+    candidate per eviction. Same hits, checkpoints and evictions per request, same trees."""
+    trace = _slice(spec, **kw) if spec != "longdoc:0" else load_trace(spec, LoadOptions(**kw))
+    evicted = 0
+    for frac in (0.05, 0.25):
+        budget = _budgets(trace, frac)[1]
+        ref = _replay(trace, budget, policy=policy, fast_queue=False)
+        new = _replay(trace, budget, policy=policy, fast_queue=True)
+        assert new[0] == ref[0], (spec, budget)
+        assert new[1] == ref[1], (spec, budget)
+        evicted += ref[0][-1][2] > 0
+    assert evicted >= 1
 
 
 def test_one_pass_is_taken_and_falls_back_when_slots_are_short():

@@ -10,6 +10,7 @@ hosts the built-in components).
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
@@ -19,7 +20,7 @@ from ..policy.config import MarconiConfig
 from ..policy.tuner import AlphaTuner
 from .components import MarconiFullComponent, MarconiMambaComponent
 from .events import StatePathEvents
-from .state import MarconiState
+from .state import MarconiState, _stamp
 
 logger = logging.getLogger("sglang_marconi")
 
@@ -123,6 +124,11 @@ class MarconiRadixCache(UnifiedRadixCache):
         states = self.mamba_evictable_size() + self.mamba_protected_size()
         return p.kv_bytes(kv_tokens) + states * p.ssm_state_bytes()
 
+    #: ``evict_to_bytes`` keeps one queue per call for the plain recency order
+    #: (``_evict_to_bytes_recency``); False: rescore every candidate per eviction
+    #: (``_evict_to_bytes_ref``, the reference the tests compare it with)
+    single_queue_fast = True
+
     def evict_to_bytes(self, budget_bytes: int) -> int:
         """Evict until the tree fits ``budget_bytes`` (one budget over KV + states).
 
@@ -131,39 +137,93 @@ class MarconiRadixCache(UnifiedRadixCache):
         its state. Returns the number of evictions.
         """
         st = self.marconi
+        if (self.single_queue_fast and st.recency_only and not st.tombstones_first and not st.superseded_first
+                and not st.ended_first):
+            return self._evict_to_bytes_recency(budget_bytes)
+        return self._evict_to_bytes_ref(budget_bytes)
+
+    def _single_candidate(self, node, leaves) -> bool:
+        """Whether ``node`` may be evicted under the single byte budget now."""
+        cd = node.component_data[ComponentType.MAMBA]
+        if node.parent is None or cd.lock_ref > 0 or len(node.children) > 1:
+            return False
+        return node in leaves or cd.value is not None
+
+    def _evict_single(self, node, leaves) -> None:
+        """Evict ``node`` (a candidate): delete a leaf, or tombstone an internal state."""
+        st = self.marconi
+        if node.component_data[ComponentType.MAMBA].value is not None:
+            st.state_evicted(node)
+        if node in leaves:
+            kv = len(node.key)
+            # Delete exactly this leaf through SGLang's own leaf eviction.
+            self._evict_device_leaf(node.id, {ct: 0 for ct in self.tree_components})
+            st.counters.leaf_evictions += 1
+            st.leaf_evicted(node)
+            st.record_eviction("single", node, kv, None)
+        else:
+            self._tombstone_state(node)
+            st.record_eviction("single", node, 0, None)
+
+    def _single_pool(self, leaves) -> dict:
+        pool = {n.id: n for n in leaves}
+        pool.update(self.tree_core.lru_lists[ComponentType.MAMBA].cache)
+        return pool
+
+    def _evict_to_bytes_ref(self, budget_bytes: int) -> int:
+        """Every eviction rescores every candidate (a value-per-byte score moves when
+        an eviction changes a neighbour's replay origin or exclusive path)."""
+        st = self.marconi
         n = 0
         while self.tree_bytes() > budget_bytes:
             st.on_eviction_call()
             leaves = self.tree_core.evictable_device_leaves
             cands = []
-            pool = {n.id: n for n in leaves}
-            pool.update(self.tree_core.lru_lists[ComponentType.MAMBA].cache)
-            for _, node in sorted(pool.items()):  # deterministic order: ties break alike every run
-                if node.component_data[ComponentType.MAMBA].lock_ref > 0 or len(node.children) > 1:
-                    continue
-                if node not in leaves and node.component_data[ComponentType.MAMBA].value is None:
-                    continue
-                cands.append(st.single_budget_candidate(node, frees_kv=node in leaves))
+            for _, node in sorted(self._single_pool(leaves).items()):  # ties break by node id, alike every run
+                if self._single_candidate(node, leaves):
+                    cands.append(st.single_budget_candidate(node, frees_kv=node in leaves))
             queue = st.eviction_queue(cands)
             score = queue.peek_score()
             victim = queue.pop()
             if victim is None:
                 break
             st.inflate("state", score)
-            node = victim.key
-            if node.component_data[ComponentType.MAMBA].value is not None:
-                st.state_evicted(node)
-            if node in leaves:
-                kv = len(node.key)
-                # Delete exactly this leaf through SGLang's own leaf eviction.
-                self._evict_device_leaf(node.id, {ct: 0 for ct in self.tree_components})
-                st.counters.leaf_evictions += 1
-                st.leaf_evicted(node)
-                st.record_eviction("single", node, kv, None)
-            else:
-                self._tombstone_state(node)
-                st.record_eviction("single", node, 0, None)
+            self._evict_single(victim.key, leaves)
             n += 1
+        return n
+
+    def _evict_to_bytes_recency(self, budget_bytes: int) -> int:
+        """The recency order (``lru``, ``vllm``): a candidate ranks by (its stamp,
+        its node id) — what the reference's queue orders by, its min–max
+        normalisation being monotone — and no eviction moves a stamp, so one heap
+        serves the whole call. An eviction can make only the victim's parent (or,
+        tombstoned, the victim) newly evictable: those are pushed; entries no
+        longer evictable are skipped when popped. O(log n) per eviction instead
+        of O(n)."""
+        st = self.marconi
+        leaves = self.tree_core.evictable_device_leaves
+        heap = [(_stamp(node, "state"), nid, node) for nid, node in self._single_pool(leaves).items()
+                if self._single_candidate(node, leaves)]
+        heapq.heapify(heap)
+        n = 0
+        while self.tree_bytes() > budget_bytes:
+            st.on_eviction_call()
+            leaves = self.tree_core.evictable_device_leaves
+            node = None
+            while heap:
+                _, _, cand = heapq.heappop(heap)
+                if self._single_candidate(cand, leaves):
+                    node = cand
+                    break
+            if node is None:
+                break
+            parent = node.parent
+            self._evict_single(node, leaves)
+            n += 1
+            leaves = self.tree_core.evictable_device_leaves
+            for x in (node, parent):
+                if x is not None and self._single_candidate(x, leaves):
+                    heapq.heappush(heap, (_stamp(x, "state"), x.id, x))
         return n
 
     def _tombstone_state(self, node) -> None:
