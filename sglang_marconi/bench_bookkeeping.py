@@ -14,7 +14,9 @@ through the same scheduler-shaped driver against:
 * ``marconi-paper`` — ``{"variant": "paper"}``: the paper's utility with α
   tuned by replays in a separate process; the scheduler thread pays only the
   request log and a non-blocking poll, but on a 2-core machine the tuner's
-  replays share the cores with the scheduler.
+  replays share the cores with the scheduler;
+* ``marconi-no-anchor`` — the default without its anchor state (an experiment
+  key), to show what the anchor costs.
 
 The time measured per request is the driver's whole call: match, lock,
 allocation, the checkpoint inserts, unlock and the budget eviction — the
@@ -54,22 +56,27 @@ MARCONI_CONFIGS = {
     "marconi-default": {},
     "marconi-paper": {"variant": "paper", "tuner": "process"},
 }
+#: experiments (``policy.config`` fields the server does not take), shown next to the default
+MARCONI_EXPERIMENTS = {
+    "marconi-no-anchor": {"anchor_state": False},  # the default without the anchor state
+}
 
 
 def run_one(name: str, stream, kv_budget: int, state_budget: int) -> tuple[float, float]:
     """(wall seconds, calling-thread CPU seconds) per request."""
     from .policy import builtin_profile
-    from .policy.config import parse_server_config
+    from .policy.config import parse_config, parse_server_config
     from .sglang_backend.driver import CacheDriver
     from .sglang_backend.pools import build_hybrid_cache
     from .sglang_backend.tuning import build_marconi_cache
 
     kv_slots = kv_budget + 8192
     if name.startswith("marconi"):
-        knobs = MARCONI_CONFIGS[name]
+        config = (parse_server_config(MARCONI_CONFIGS[name]) if name in MARCONI_CONFIGS
+                  else parse_config(MARCONI_EXPERIMENTS[name]))
         built = build_marconi_cache(
             kv_slots=kv_slots, mamba_slots=state_budget + 4,
-            config=parse_server_config(knobs),
+            config=config,
             profile=builtin_profile("paper-7b"), kv_budget=kv_budget, state_budget=state_budget,
             deferred_frees=False,  # the live cache runs on SGLang's own allocator
         )
@@ -99,7 +106,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     stream = request_stream(args.requests)
-    names = ["sglang-rust", "sglang-python", *MARCONI_CONFIGS]
+    names = ["sglang-rust", "sglang-python", *MARCONI_CONFIGS, *MARCONI_EXPERIMENTS]
     best = {n: float("inf") for n in names}
     cpu = {n: float("inf") for n in names}
     for _ in range(args.repeats):
