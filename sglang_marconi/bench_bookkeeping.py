@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     stream = request_stream(args.requests)
-    names = ["sglang-rust", "sglang-python", *MARCONI_CONFIGS, *MARCONI_EXPERIMENTS]
+    # the paper variant last: its tuner process may still be finishing a replay when its run ends
+    names = ["sglang-rust", "sglang-python", "marconi-default", *MARCONI_EXPERIMENTS, "marconi-paper"]
     best = {n: float("inf") for n in names}
     cpu = {n: float("inf") for n in names}
     for _ in range(args.repeats):
