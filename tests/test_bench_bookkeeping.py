@@ -10,7 +10,7 @@ def test_bench_prints_every_cache_with_wall_and_thread_cpu(capsys):
     out = capsys.readouterr().out.splitlines()
     assert "thread CPU us" in out[1]
     rows = {line.split()[0]: line.split()[1:] for line in out[2:]}
-    assert set(rows) == {"sglang-rust", "sglang-python", *bench.MARCONI_CONFIGS}
+    assert set(rows) == {"sglang-rust", "sglang-python", *bench.MARCONI_CONFIGS, *bench.MARCONI_EXPERIMENTS}
     for name, cols in rows.items():
         wall, r_rust, r_py, cpu, c_rust, c_py = cols
         assert float(wall) > 0 and float(cpu) > 0, name
