@@ -344,7 +344,8 @@ def test_sigterm_leaves_no_tuner_process_behind(model, tok, tmp_path):
             launch.generate(srv, tok(f"{SYSTEM} user: question number {i} about caches")["input_ids"], max_new_tokens=4)
             i += 1
         assert soak.background_pids(srv), (i, srv.log_tail())
-        assert soak.sigterm_leftovers(srv) == []
+        left = soak.sigterm_leftovers(srv)
+        assert left == [], ([(p, soak._ppid(p), soak._cmdline(p)[:120]) for p in left], srv.log_tail())
     finally:
         srv.stop()
 
