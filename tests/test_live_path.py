@@ -250,15 +250,16 @@ def test_anchor_on_the_scheduler_path(make_marconi):
 
     # a sibling diverging at 40: a real branch point, no anchor
     sib = _req(built, "r2", tokens[:40] + list(range(700, 710)))
-    req2 = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", sib.origin_input_ids[:-1])), req=sib))
-    assert req2.device_prefix_len == 32 and req2.mamba_branching_seqlen == 40 and sib.marconi_anchor is None
+    m2 = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", sib.origin_input_ids[:-1])), req=sib))
+    assert m2.device_prefix_len == 32 and m2.mamba_branching_seqlen == 40 and sib.marconi_anchor is None
 
 
-def test_no_anchor_when_off(make_marconi):
+@pytest.mark.parametrize("config", [{"anchor_state": False}, {"anchor_state": True, "input_state": True}])
+def test_no_anchor_when_off_or_the_input_end_takes_its_slot(make_marconi, config):
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
-    built, _ = make_marconi(kv_slots=512, mamba_slots=8, anchor_state=False)
+    built, _ = make_marconi(kv_slots=512, mamba_slots=8, **config)
     req = _req(built, "r1", list(range(300, 345)))
     m = built.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", req.origin_input_ids[:-1])), req=req))
     assert m.mamba_branching_seqlen is None and getattr(req, "marconi_anchor", None) is None

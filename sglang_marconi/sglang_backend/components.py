@@ -66,9 +66,11 @@ class MarconiMambaComponent(MambaComponent):
                 mamba_branching_seqlen=branch_point(result.full_kv_hit_length, boundary, mode="exact")
             )
         req = getattr(params, "req", None)
-        if req is not None and st.config.anchor_state:
+        if req is not None and st.config.anchor_state and not st.config.input_state_on(st.config.single_budget_gb is not None):
             # No branch point: the request's other state goes to its anchor
             # (checkpointed like a branch point; prepare_for_caching_req tells them apart).
+            # With the input-end experiment on, that state is the input end's, as in
+            # MarconiAdmission's plan.
             req.marconi_anchor = None
             if result.mamba_branching_seqlen is None:
                 grid = self.mamba_checkpoint_grid if st.config.branch_points == "grid" else 1
