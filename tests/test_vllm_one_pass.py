@@ -1,5 +1,7 @@
-"""The vllm baseline (a state every 32-token block, LRU) inserts a request's block
-checkpoints in one pass; the insert-per-checkpoint path (``CacheDriver.one_pass =
+"""The vllm baseline (a state every 32-token block, LRU) driven through SGLang's tree
+(``build_policy(..., reference=True)``: the run ``replay/vllm.py``'s block tree
+reproduces, ``tests/test_vllm_blocks.py``) inserts a request's block checkpoints in
+one pass; the insert-per-checkpoint path (``CacheDriver.one_pass =
 False``, each checkpoint a separate insert from the root) is its reference. On real
 trace slices, at two budgets, in both layouts, the two give the same hits per
 request, the same states admitted, the same evictions and the same tree."""
@@ -39,7 +41,7 @@ def _tree(drv) -> tuple:
 
 def _replay(trace, budget, one_pass: bool = True, check_every: int = 8, policy: str = "vllm", fast_queue: bool = True):
     shape = TraceShape(longest=trace.longest, requests=len(trace.requests), stream_tokens=trace.stream_tokens())
-    built, drv, _ = build_policy(policy, builtin_profile("paper-7b"), budget, shape, PolicyOptions())
+    built, drv, _ = build_policy(policy, builtin_profile("paper-7b"), budget, shape, PolicyOptions(), reference=True)
     drv.one_pass = one_pass
     drv.cache.single_queue_fast = fast_queue
     counter = _EvictionCounter(drv)
@@ -114,7 +116,7 @@ def test_one_pass_is_taken_and_falls_back_when_slots_are_short():
     calls = []
     for budget in (Budget(kv_gb=1, ssm_gb=1), Budget(kv_gb=1, ssm_gb=1e-9)):
         shape = TraceShape(longest=trace.longest, requests=1, stream_tokens=len(stream))
-        built, drv, _ = build_policy("vllm", builtin_profile("paper-7b"), budget, shape, PolicyOptions())
+        built, drv, _ = build_policy("vllm", builtin_profile("paper-7b"), budget, shape, PolicyOptions(), reference=True)
         try:
             orig = drv._insert_below
             n = [0]

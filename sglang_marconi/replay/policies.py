@@ -15,7 +15,9 @@ sglang     SGLang 0.5.23's own default hybrid cache: ``UnifiedRadixCache``
 lru        the paper's SGLang+: Marconi's admission with LRU eviction
            (``MarconiRadixCache``, ``{"alpha": 0, "refresh": "path", "kv_refresh": "path"}``).
 vllm       the paper's vLLM+: the same LRU cache, a state at every block
-           (``BlockAdmission(block)``, default 32 tokens).
+           (``BlockAdmission(block)``, default 32 tokens), replayed on its
+           own block tree (``replay/vllm.py``), which reproduces that run
+           on SGLang's tree (``build_policy(..., reference=True)``) exactly.
 infinite   no eviction (pools as large as the trace, no budget) and
            ``OracleAdmission``: any cached prefix is reusable — the trace's
            prefix-sharing upper bound.
@@ -126,8 +128,11 @@ def _marconi(kv_slots, mamba_slots, cfg: dict, profile, kv_budget, state_budget,
 
 
 def build_policy(name: str, profile, budget: Optional[Budget], shape: TraceShape,
-                 opts: PolicyOptions = PolicyOptions()) -> tuple[Any, Any, dict]:
-    """(built cache, CacheDriver, info) for ``name`` at ``budget``."""
+                 opts: PolicyOptions = PolicyOptions(), *, reference: bool = False) -> tuple[Any, Any, dict]:
+    """(built cache, CacheDriver, info) for ``name`` at ``budget``.
+
+    ``vllm`` replays on its own block tree (``replay/vllm.py``); ``reference=True``
+    drives SGLang's tree with it instead, the run that tree reproduces."""
     from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
     from ..policy.admission import BlockAdmission, OracleAdmission, SGLangGridAdmission
@@ -190,6 +195,15 @@ def build_policy(name: str, profile, budget: Optional[Budget], shape: TraceShape
         drv = CacheDriver(built, **budgets)  # default admission: MarconiAdmission(branch_points)
         info.update(config=built.cache.marconi.config.to_dict(), admission=f"marconi({drv.admission.mode})")
         info["config"].pop("alpha_grid", None)
+        return built, drv, info
+    if name == "vllm" and not reference:
+        from ..sglang_backend.pools import MAX_RUNNING_REQS
+        from .vllm import build_block_driver
+
+        # the state slots the reference's allocator has (its pools keep working states too)
+        built, drv = build_block_driver(profile, block=opts.block, kv_slots=kv_slots,
+                                        mamba_slots=mamba_slots + MAX_RUNNING_REQS, **budgets)
+        info.update(admission=f"blocks({opts.block})")
         return built, drv, info
     built = _marconi(kv_slots, mamba_slots, dict(LRU_CONFIG, tuner="inline"), profile, **budgets)
     if name == "lru":

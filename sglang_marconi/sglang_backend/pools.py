@@ -129,11 +129,15 @@ class BuiltCache:
         return self.req_to_token_pool.mamba_allocator
 
 
+#: requests in flight a built cache's pools hold working SSM states for (beyond ``mamba_slots``)
+MAX_RUNNING_REQS = 4
+
+
 def build_hybrid_cache(
     *,
     kv_slots: int,
     mamba_slots: int,
-    max_running_reqs: int = 4,
+    max_running_reqs: int = MAX_RUNNING_REQS,
     max_context_len: int = 4096,
     page_size: int = 1,
     device: str = "cpu",
