@@ -46,8 +46,10 @@ def _run(requests, budget: Budget, reference: bool, block: int = 32, check_every
     per_request, trees = [], []
     try:
         for i, (prompt, completion) in enumerate(requests):
+            probes = (drv.peek_hit(prompt[:-1]), drv.peek_hit(prompt, kv=True))  # what a router reads first
             res = drv.run(prompt, completion)
-            per_request.append((res.hit_len, res.flops_saved, tuple(res.checkpoints), counter.states, counter.kv_tokens,
+            assert probes[0] == res.hit_len
+            per_request.append((probes, res.hit_len, res.flops_saved, tuple(res.checkpoints), counter.states, counter.kv_tokens,
                                 drv.tree_kv_tokens(), drv.tree_states()))
             if i % check_every == 0 or i == len(requests) - 1:
                 trees.append(_sglang_tree(drv) if reference else drv.cache.snapshot())
@@ -60,7 +62,7 @@ def _assert_same(requests, budget: Budget, block: int = 32, check_every: int = 1
     ref = _run(requests, budget, True, block, check_every)
     new = _run(requests, budget, False, block, check_every)
     for i, (a, b) in enumerate(zip(ref[0], new[0])):
-        assert a == b, f"request {i}: reference {a[:2]} {a[3:]}, block tree {b[:2]} {b[3:]}"
+        assert a == b, f"request {i}: reference {a[:3]} {a[4:]}, block tree {b[:3]} {b[4:]}"
     assert ref[1] == new[1]
     return ref[0]
 
@@ -93,8 +95,8 @@ def test_block_tree_equals_sglang_tree_on_traces(spec, kw):
     for frac in (0.05, 0.25):
         for budget in _budgets(int(frac * tokens), int(frac * tokens / 32)):
             out = _assert_same(requests, budget, check_every=7)
-            evicted += out[-1][3]
-            hits += sum(r[0] > 0 for r in out)
+            evicted += out[-1][4]
+            hits += sum(r[1] > 0 for r in out)
     assert evicted > 0 and hits > 0  # the budgets bind and the cache serves hits
 
 
@@ -139,9 +141,9 @@ def test_state_pool_ranks_a_holder_made_during_the_walk_after_the_starting_ones(
     requests = [(a + (5,), ()), ((0, 1, 2, 3, 9, 9, 9, 9, 9), ()), (a + (7,) * 9, ())]
     budget = Budget(kv_gb=1.0, ssm_gb=3 * PROFILE.ssm_state_bytes() / 1e9)
     out = _assert_same(requests, budget, block=4)
-    assert [r[0] for r in out] == [0, 4, 8]
-    assert [tuple(p for p, _, ok in r[2] if ok) for r in out] == [(4, 8), (8,), (12, 16)]
-    assert [r[3] for r in out] == [0, 0, 2]  # states evicted so far
+    assert [r[1] for r in out] == [0, 4, 8]
+    assert [tuple(p for p, _, ok in r[3] if ok) for r in out] == [(4, 8), (8,), (12, 16)]
+    assert [r[4] for r in out] == [0, 0, 2]  # states evicted so far
     tree = _run(requests, budget, False, block=4)[1][-1]
     assert [(end, state) for end, _, state, _ in tree] == [(4, True), (8, False), (12, True), (16, True)]
 
