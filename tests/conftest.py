@@ -12,6 +12,18 @@ warnings.filterwarnings("ignore", message=".*support.*quantization.*")
 warnings.filterwarnings("ignore", message=".*support AWQ.*")
 
 
+def tree_nodes(cache) -> list:
+    """Every node of ``cache``'s SGLang tree but the root, in creation (id) order."""
+    core = cache.tree_core
+    nodes, stack = [], [core.root_node]
+    while stack:
+        n = stack.pop()
+        stack.extend(n.children.values())
+        if n is not core.root_node:
+            nodes.append(n)
+    return sorted(nodes, key=lambda n: n.id)
+
+
 @pytest.fixture
 def make_marconi():
     """make_marconi(kv_slots, mamba_slots, kv_budget=None, state_budget=None, **config) -> (built, driver).

@@ -17,6 +17,7 @@ from sglang_marconi.replay.loaders import LoadOptions, load_trace, traces_dir
 from sglang_marconi.replay.policies import Budget, PolicyOptions, TraceShape, build_policy, close
 from sglang_marconi.replay.runner import _EvictionCounter
 from sglang_marconi.replay.vllm import BlockDriver, _ranked
+from conftest import tree_nodes
 
 PROFILE = builtin_profile("paper-7b")
 
@@ -24,15 +25,12 @@ PROFILE = builtin_profile("paper-7b")
 def _sglang_tree(drv) -> tuple:
     from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
-    core, st_ = drv.cache.tree_core, drv.cache.marconi
-    out, stack = [], [core.root_node]
-    while stack:
-        n = stack.pop()
-        stack.extend(n.children.values())
-        if n is not core.root_node:
-            assert n.marconi_t == n.marconi_kv_t  # the lru config stamps both alike
-            out.append((n.id, st_.node_end(n), len(n.key), n.component_data[ComponentType.MAMBA].value is not None,
-                        n.marconi_t))
+    st_ = drv.cache.marconi
+    out = []
+    for n in tree_nodes(drv.cache):
+        assert n.marconi_t == n.marconi_kv_t  # the lru config stamps both alike
+        out.append((n.id, st_.node_end(n), len(n.key), n.component_data[ComponentType.MAMBA].value is not None,
+                    n.marconi_t))
     return _ranked(out)
 
 

@@ -14,6 +14,7 @@ from sglang_marconi.policy import builtin_profile
 from sglang_marconi.replay.loaders import LoadOptions, load_trace, traces_dir
 from sglang_marconi.replay.policies import Budget, PolicyOptions, TraceShape, build_policy, close
 from sglang_marconi.replay.runner import _EvictionCounter
+from conftest import tree_nodes
 
 
 def _tree(drv) -> tuple:
@@ -23,13 +24,7 @@ def _tree(drv) -> tuple:
     from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
     core, st = drv.cache.tree_core, drv.cache.marconi
-    nodes, stack = [], [core.root_node]
-    while stack:
-        n = stack.pop()
-        stack.extend(n.children.values())
-        if n is not core.root_node:
-            nodes.append(n)
-    nodes.sort(key=lambda n: n.id)
+    nodes = tree_nodes(drv.cache)
     mamba = ComponentType.MAMBA
     return (
         tuple((st.node_end(n), len(n.key), len(n.key.token_ids), n.component_data[mamba].value is not None, n.marconi_t, n.marconi_kv_t,
