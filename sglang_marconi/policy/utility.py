@@ -183,6 +183,42 @@ class EvictionQueue:
             return None
         return heapq.heappop(self._heap)[3]
 
+    def pop_key(self) -> Optional[Hashable]:
+        cand = self.pop()
+        return None if cand is None else cand.key
+
+    def peek_score(self) -> Optional[float]:
+        return self._heap[0][0] if self._heap else None
+
+
+class ScoredQueue:
+    """An :class:`EvictionQueue`'s order over entries the caller has scored:
+    ``(score, last_access, rank, key)``, ``rank`` being the entry's place in the
+    order the candidates would have been queued in (a node id, for candidates
+    queued in node-id order). No :class:`Candidate` is built and no sort is
+    needed; an entry pushed later ranks after every initial one, in push order,
+    as an :class:`EvictionQueue`'s insertion counter does."""
+
+    #: above every initial rank (node ids count up from 0)
+    PUSHED_RANK = 1 << 62
+
+    def __init__(self, entries: list[tuple]):
+        self._heap = entries
+        heapq.heapify(self._heap)
+        self._seq = itertools.count(self.PUSHED_RANK)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, entry: tuple) -> None:
+        score, last_access, _, key = entry
+        heapq.heappush(self._heap, (score, last_access, next(self._seq), key))
+
+    def pop_key(self) -> Optional[Hashable]:
+        if not self._heap:
+            return None
+        return heapq.heappop(self._heap)[3]
+
     def peek_score(self) -> Optional[float]:
         return self._heap[0][0] if self._heap else None
 

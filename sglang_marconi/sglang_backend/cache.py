@@ -128,6 +128,11 @@ class MarconiRadixCache(UnifiedRadixCache):
     #: (``_evict_to_bytes_recency``); False: rescore every candidate per eviction
     #: (``_evict_to_bytes_ref``, the reference the tests compare it with)
     single_queue_fast = True
+    #: The value form scores eviction candidates straight into queue entries
+    #: (``MarconiState.value_entry``; the KV pool by recency: its stamp), in both
+    #: pools' eviction calls and in ``_evict_to_bytes_value``; False: Candidates
+    #: and an ``EvictionQueue`` (the reference the tests compare it with)
+    value_scores_fast = True
 
     def evict_to_bytes(self, budget_bytes: int) -> int:
         """Evict until the tree fits ``budget_bytes`` (one budget over KV + states).
@@ -140,6 +145,8 @@ class MarconiRadixCache(UnifiedRadixCache):
         if (self.single_queue_fast and st.recency_only and not st.tombstones_first and not st.superseded_first
                 and not st.ended_first):
             return self._evict_to_bytes_recency(budget_bytes)
+        if self.value_scores_fast and st.value_scores:
+            return self._evict_to_bytes_value(budget_bytes)
         return self._evict_to_bytes_ref(budget_bytes)
 
     def _single_candidate(self, node, leaves) -> bool:
@@ -189,6 +196,27 @@ class MarconiRadixCache(UnifiedRadixCache):
                 break
             st.inflate("state", score)
             self._evict_single(victim.key, leaves)
+            n += 1
+        return n
+
+    def _evict_to_bytes_value(self, budget_bytes: int) -> int:
+        """``_evict_to_bytes_ref`` under the value form: each eviction's victim is
+        the candidate of the smallest (H, stamp, node id), what the reference's
+        queue pops first, with H computed straight into that tuple
+        (``MarconiState.value_entry``) instead of a Candidate and a queue."""
+        st = self.marconi
+        n = 0
+        while self.tree_bytes() > budget_bytes:
+            st.on_eviction_call()
+            leaves = self.tree_core.evictable_device_leaves
+            origins = {}
+            entries = [st.value_entry(node, node in leaves, origins) for node in self._single_pool(leaves).values()
+                       if self._single_candidate(node, leaves)]
+            if not entries:
+                break
+            score, _, _, victim = min(entries)
+            st.inflate("state", score)
+            self._evict_single(victim, leaves)
             n += 1
         return n
 

@@ -35,6 +35,7 @@ from sglang.srt.mem_cache.unified_cache.components.full import FullComponent
 from sglang.srt.mem_cache.unified_cache.components.mamba import MambaComponent
 
 from ..policy.admission import AdmissionReason, admits_input_end, anchor_position, branch_point
+from ..policy.utility import ScoredQueue
 
 
 
@@ -199,10 +200,15 @@ class MarconiMambaComponent(MambaComponent):
         st = self.marconi
         st.on_eviction_call()
         leaves = self.tree_core.evictable_device_leaves
-        # Node-id order: equal utilities break the same way in every process
-        # (the leaf set iterates in memory order).
-        cands = [st.state_pool_candidate(n, frees_kv=n in leaves) for n in sorted(self._holders(), key=_node_id)]
-        self._queue = st.eviction_queue(cands)
+        if self.cache.value_scores_fast and st.value_scores:
+            # The same order, scored straight into (H, stamp, node id) entries.
+            origins = {}
+            self._queue = ScoredQueue([st.value_entry(n, n in leaves, origins) for n in self._holders()])
+        else:
+            # Node-id order: equal utilities break the same way in every process
+            # (the leaf set iterates in memory order).
+            cands = [st.state_pool_candidate(n, frees_kv=n in leaves) for n in sorted(self._holders(), key=_node_id)]
+            self._queue = st.eviction_queue(cands)
         self._evict_device_request_cnt = request_cnt
         self._last_leaf = None
 
@@ -217,13 +223,15 @@ class MarconiMambaComponent(MambaComponent):
             p = lv.parent
             cd = p.component_data[ct]
             if cd.value is not None and cd.lock_ref == 0 and len(p.children) <= 1:
-                self._queue.push(st.state_pool_candidate(p, frees_kv=p in leaves))
+                if isinstance(self._queue, ScoredQueue):
+                    self._queue.push(st.value_entry(p, p in leaves, {}))
+                else:
+                    self._queue.push(st.state_pool_candidate(p, frees_kv=p in leaves))
         while tracker[ct] < self._evict_device_request_cnt:
             score = self._queue.peek_score()
-            cand = self._queue.pop()
-            if cand is None:
+            x = self._queue.pop_key()
+            if x is None:
                 return None
-            x = cand.key
             cd = x.component_data[ct]
             if cd.value is None or cd.lock_ref > 0 or x.parent is None:
                 continue  # stale: cascaded away, or locked since the snapshot
@@ -264,9 +272,14 @@ class MarconiFullComponent(FullComponent):
     def _evict_device_start(self, request_cnt: int) -> None:
         st = self.marconi
         st.on_eviction_call()
-        leaves = sorted(self.tree_core.evictable_device_leaves, key=_node_id)
-        cands = [st.kv_pool_candidate(n) for n in leaves]
-        self._queue = st.eviction_queue(cands)
+        if self.cache.value_scores_fast and st.kv_by_recency:
+            # kv_pool_candidate's priority is the KV stamp itself: (stamp, stamp, node id) entries
+            self._queue = ScoredQueue([(n.marconi_kv_t, n.marconi_kv_t, n.id, n)
+                                       for n in self.tree_core.evictable_device_leaves])
+        else:
+            leaves = sorted(self.tree_core.evictable_device_leaves, key=_node_id)
+            cands = [st.kv_pool_candidate(n) for n in leaves]
+            self._queue = st.eviction_queue(cands)
         self._evict_device_request_cnt = request_cnt
         self._evict_device_last_node = None
 
@@ -277,13 +290,16 @@ class MarconiFullComponent(FullComponent):
         lv = self._evict_device_last_node
         self._evict_device_last_node = None
         if lv is not None and lv.parent is not None and lv.parent in leaves:
-            self._queue.push(st.kv_pool_candidate(lv.parent))
+            p = lv.parent
+            if isinstance(self._queue, ScoredQueue):
+                self._queue.push((p.marconi_kv_t, p.marconi_kv_t, p.id, p))
+            else:
+                self._queue.push(st.kv_pool_candidate(p))
         while tracker[ct] < self._evict_device_request_cnt:
             score = self._queue.peek_score()
-            cand = self._queue.pop()
-            if cand is None:
+            x = self._queue.pop_key()
+            if x is None:
                 return None
-            x = cand.key
             if x not in leaves:
                 continue
             st.inflate("kv", score)

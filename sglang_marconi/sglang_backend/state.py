@@ -162,6 +162,9 @@ class MarconiState:
         self.inflation = {"state": 0.0, "kv": 0.0}
         #: ``value`` with ``value_kv_pool: "recency"``: the two pools' KV pool ranks leaves by stamp
         self.kv_by_recency = config.utility_form == "value" and config.value_kv_pool == "recency"
+        #: ``value`` (not the paper's variant): :meth:`value_entry` gives the state pool's
+        #: and the single byte budget's priorities (no marks act in this form)
+        self.value_scores = config.utility_form == "value" and config.variant != "paper"
         self.hit_density: Optional[HitDensity] = None
         #: classes split by "hit before" (``density_reuse``)
         self.density_reuse = config.density_reuse
@@ -301,21 +304,7 @@ class MarconiState:
             replay_from = start
         elif self.config.value_flops == "root":
             replay_from = 0
-        # The cost terms change only when the node's start, its replay origin,
-        # its state, its exclusive path or the kind of eviction change: memoize them on the node.
-        memo_key = (start, replay_from, has_state, frees_kv, excl)
-        memo = getattr(node, "marconi_memo", None)
-        if memo is not None and memo[0] == memo_key:
-            _, flops, nbytes = memo
-        else:
-            p = self.profile
-            state_bytes = p.ssm_state_bytes() if has_state else 0
-            if paper:
-                nbytes = p.kv_bytes(end) + state_bytes
-            else:
-                nbytes = (p.kv_bytes(excl) if frees_kv else 0) + state_bytes
-            flops = p.flops_saved(start, end, replay_from=replay_from) if has_state else 0.0
-            node.marconi_memo = (memo_key, flops, nbytes)
+        flops, nbytes = self._cost_terms(node, start, end, replay_from, has_state, frees_kv, excl, paper)
         cand = Candidate(key=node, last_access=_stamp(node, pool), flops_saved=flops, nbytes=nbytes)
         if self.queue_form == "value":
             cand.base = getattr(node, "marconi_kv_L" if pool == "kv" else "marconi_L", 0.0)
@@ -329,6 +318,73 @@ class MarconiState:
             cand.tokens_saved = end - replay_from if has_state else 0
             cand.dead = self.config.ended_in_density and getattr(node, "marconi_ended", False)
         return cand
+
+    def _cost_terms(self, node, start: int, end: int, replay_from: int, has_state: bool, frees_kv: bool,
+                    excl: int, paper: bool = False) -> tuple[float, int]:
+        """(FLOPs a hit saves, bytes the eviction frees) of :meth:`candidate`."""
+        # The cost terms change only when the node's start, its replay origin,
+        # its state, its exclusive path or the kind of eviction change: memoize them on the node.
+        memo_key = (start, replay_from, has_state, frees_kv, excl)
+        memo = getattr(node, "marconi_memo", None)
+        if memo is not None and memo[0] == memo_key:
+            return memo[1], memo[2]
+        p = self.profile
+        state_bytes = p.ssm_state_bytes() if has_state else 0
+        if paper:
+            nbytes = p.kv_bytes(end) + state_bytes
+        else:
+            nbytes = (p.kv_bytes(excl) if frees_kv else 0) + state_bytes
+        flops = p.flops_saved(start, end, replay_from=replay_from) if has_state else 0.0
+        node.marconi_memo = (memo_key, flops, nbytes)
+        return flops, nbytes
+
+    # -- the value form's scores, straight into queue entries -------------------
+    def value_entry(self, node, frees_kv: bool, origins: dict) -> tuple:
+        """``(H, state stamp, node id, node)``: the priority :meth:`state_pool_candidate`
+        gives ``node`` under the value form (``value_scores``; also the single byte
+        budget's candidate there), as a :class:`~sglang_marconi.policy.utility.ScoredQueue`
+        entry, without building the :class:`Candidate`. ``origins``: the
+        :meth:`_origins` memo, shared by every node scored while the tree stays as it is."""
+        end = self.node_end(node)
+        start = end - len(node.key)
+        has_state = node.component_data[_mamba_ct()].value is not None
+        parent = node.parent
+        replay_from, excl_from = origins.get(parent) or self._origins(parent, origins)
+        cfg = self.config
+        if not (frees_kv and cfg.value_bytes == "exclusive"):
+            excl_from = start
+        if cfg.value_flops == "root":
+            replay_from = 0
+        flops, nbytes = self._cost_terms(node, start, end, replay_from, has_state, frees_kv, end - excl_from)
+        freq = self.frequency(node)
+        if not cfg.value_frequency:
+            freq = min(freq, 1.0)
+        h = getattr(node, "marconi_L", 0.0) + freq * (flops / nbytes if nbytes > 0 else 0.0)
+        return h, getattr(node, "marconi_t", 0.0), node.id, node
+
+    def _origins(self, node, memo: dict) -> tuple[int, int]:
+        """What :meth:`candidate`'s walk up from a child of ``node`` finds: (the end
+        of the nearest ancestor-or-self of ``node`` holding a state, 0 at the root;
+        where the child's exclusive path begins: the end of the nearest stateless
+        node on that walk with other than one child, else the state's end). Every
+        node of the walk is memoized in ``memo``, so a walk stops at the first
+        node an earlier one has passed."""
+        ct = _mamba_ct()
+        chain = []
+        cur = node
+        while cur.parent is not None and cur.component_data[ct].value is None and cur not in memo:
+            chain.append(cur)
+            cur = cur.parent
+        if cur in memo:
+            replay_from, excl_from = memo[cur]
+        else:  # the root, or a state holder
+            replay_from = excl_from = 0 if cur.parent is None else self.node_end(cur)
+            memo[cur] = (replay_from, excl_from)
+        for x in reversed(chain):
+            if len(x.children) != 1:
+                excl_from = self.node_end(x)
+            memo[x] = (replay_from, excl_from)
+        return memo[node]
 
     def eviction_candidate(self, node, *, frees_kv: bool, pool: str = "state") -> Candidate:
         """:meth:`candidate` as an eviction call needs it: with ``recency_only``
