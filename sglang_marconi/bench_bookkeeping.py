@@ -31,6 +31,7 @@ clock). Ratios are against the baselines measured in the same run; best of
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import time
 
@@ -87,6 +88,7 @@ def run_one(name: str, stream, kv_budget: int, state_budget: int) -> tuple[float
         )
         assert built.cache._tree_core_backend == ("rust" if name == "sglang-rust" else "python")
     drv = CacheDriver(built, kv_budget=kv_budget, state_budget=state_budget)
+    gc.collect()  # the previous runs' garbage is not this run's to collect
     t0, c0 = time.perf_counter(), time.thread_time()
     for inp, gen in stream:
         drv.run(inp, gen)
