@@ -9,6 +9,8 @@ the KV pool keeps recency (SGLang's least recently used leaf).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from test_eviction import _mp, evict_states, evict_tokens, has_state, live, node_ending_at, toks
@@ -140,3 +142,26 @@ def test_single_byte_budget_queue_ranks_kv_leaves_and_states_by_value(make_marco
     assert total == prof.kv_bytes(sum(lengths)) + 3 * prof.ssm_state_bytes()
     assert built.cache.evict_to_bytes(total - 1) == 1
     assert order(st) == [10] and st.inflation["state"] == pytest.approx(value(prof, 0, 10, 0, 10))
+
+
+def test_anchor_prior_counts_the_share_of_anchors_hit_as_an_unhit_anchors_evidence(make_marconi):
+    """Experiment ``anchor_prior``: an anchor state (no branch point, the largest power of
+    two within the input) is internal from its admission on (the request's last state lies
+    past it), so its evidence is 0 and it goes first. With the experiment it counts the
+    share of anchors hit so far, Laplace-smoothed: (hit + 1) / (admitted + 2)."""
+    built, drv = make_marconi(utility_form="value", anchor_state=True, anchor_prior=True)
+    st = built.cache.marconi
+    x, y = toks(10000, 100), toks(20000, 40)
+    drv.run(x, [1])  # anchor at 64, its last state at 100
+    ax = node_ending_at(built, 64, x)
+    assert has_state(ax) and ax.marconi_anchor and ax.children
+    assert st.frequency(ax) == pytest.approx(1 / 3)
+    drv.run(y, [1])  # anchor at 32
+    ay = node_ending_at(built, 32, y)
+    assert st.frequency(ax) == st.frequency(ay) == pytest.approx(1 / 4)
+    drv.run(x[:64] + toks(30000, 20), [1])  # resumes at x's anchor (no new anchor: 64 is its hit)
+    assert st.anchors_admitted == 2 and st.anchors_hit == 1
+    assert st.frequency(ax) == 1  # a hit while internal: evidence, the prior no longer applies
+    assert st.frequency(ay) == pytest.approx(2 / 4)
+    st.config = dataclasses.replace(st.config, anchor_prior=False)
+    assert st.frequency(ay) == 0 and st.frequency(ax) == 1

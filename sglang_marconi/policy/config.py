@@ -67,7 +67,7 @@ _CHOICES = {
 }
 _BOOLS = ("retune", "warm_start", "confirm", "tombstones_first", "density_reuse",
           "tombstones_spare_branches", "superseded_first", "superseded_needs_state",
-          "ended_first", "ended_in_density", "value_frequency", "anchor_state")
+          "ended_first", "ended_in_density", "value_frequency", "anchor_state", "anchor_prior")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "end_tail_tokens": 1}
@@ -177,6 +177,9 @@ class MarconiConfig:
     #: ``anchor_position``): the first reuse of a shared prefix then hits. On
     #: by default; off in ``lru`` (the paper's SGLang+) and ``variant: "paper"``.
     anchor_state: bool = True
+    #: ``value`` (an experiment): an anchor state not hit yet counts, while internal,
+    #: the share of anchors hit so far (Laplace-smoothed) as its frequency instead of 0.
+    anchor_prior: bool = False
     #: "marconi" (this project's default: replay distance to the nearest
     #: ancestor state, node-local bytes) or "paper" (the paper's formulas as
     #: stated: saved FLOPs from the parent, bytes counting the path's KV).

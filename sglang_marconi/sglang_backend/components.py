@@ -109,6 +109,8 @@ class MarconiMambaComponent(MambaComponent):
             node.marconi_hits = node.marconi_ihits = 0  # a new state: never hit yet
             reason = getattr(params, "marconi_reason", None)
             node.marconi_branch = reason is AdmissionReason.BRANCH_POINT
+            node.marconi_anchor = reason is AdmissionReason.ANCHOR
+            st.anchors_admitted += node.marconi_anchor
             if node.marconi_branch:
                 st.on_branch_admitted(node)
             if reason is not None:

@@ -136,6 +136,7 @@ class MarconiState:
         self.log_evictions = False  # the demo and tests turn this on
         self.root = None  # set by the cache once its tree exists
         self.requests_finished = 0
+        self.anchors_admitted = self.anchors_hit = 0  # anchor states, and those hit at least once
         #: α fixed at 0 with the sum or product form: the utility is normalized
         #: recency alone, so candidates skip the cost terms (FLOPs, bytes, replay
         #: distance), which the order never reads.
@@ -197,8 +198,7 @@ class MarconiState:
         if score is not None and score > self.inflation[pool]:
             self.inflation[pool] = score
 
-    @staticmethod
-    def frequency(node) -> float:
+    def frequency(self, node) -> float:
         """``value``: hits that predict the next one. A leaf: 1 (its admission) +
         its hits. An internal node: only the hits it got while internal (a
         request that resumed there and went another way than every cached
@@ -206,7 +206,10 @@ class MarconiState:
         diverged there: a hit, had the state existed); the hits it got as a leaf
         were continuations, which its child's state now serves."""
         if node.children:
-            return getattr(node, "marconi_ihits", 0) + (1 if getattr(node, "marconi_branch", False) else 0)
+            f = getattr(node, "marconi_ihits", 0) + (1 if getattr(node, "marconi_branch", False) else 0)
+            if f == 0 and self.config.anchor_prior and getattr(node, "marconi_anchor", False):
+                return (self.anchors_hit + 1) / (self.anchors_admitted + 2)
+            return f
         return 1 + getattr(node, "marconi_hits", 0) - getattr(node, "marconi_ihits", 0)
 
     def stamp_hit(self, node, root) -> None:
@@ -214,6 +217,8 @@ class MarconiState:
         t = self.clock
         if self.hit_density is not None:
             self.hit_density.record(self.state_class(node), t - getattr(node, "marconi_t", 0.0), hit=True)
+        if getattr(node, "marconi_anchor", False) and not getattr(node, "marconi_hits", 0):
+            self.anchors_hit += 1
         node.marconi_hits = getattr(node, "marconi_hits", 0) + 1
         if node.children:
             node.marconi_ihits = getattr(node, "marconi_ihits", 0) + 1
