@@ -144,12 +144,13 @@ def test_single_byte_budget_queue_ranks_kv_leaves_and_states_by_value(make_marco
     assert order(st) == [10] and st.inflation["state"] == pytest.approx(value(prof, 0, 10, 0, 10))
 
 
-def test_anchor_prior_counts_the_share_of_anchors_hit_as_an_unhit_anchors_evidence(make_marconi):
-    """Experiment ``anchor_prior``: an anchor state (no branch point, the largest power of
-    two within the input) is internal from its admission on (the request's last state lies
-    past it), so its evidence is 0 and it goes first. With the experiment it counts the
-    share of anchors hit so far, Laplace-smoothed: (hit + 1) / (admitted + 2)."""
-    built, drv = make_marconi(utility_form="value", anchor_state=True, anchor_prior=True)
+def test_an_unhit_anchor_counts_the_share_of_anchors_hit_as_its_evidence(make_marconi):
+    """An anchor state (no branch point, the largest power of two within the input) is
+    internal from its admission on (the request's last state lies past it): as an internal
+    state nobody resumed from, its evidence would be 0 and it would go first. It counts
+    the share of anchors hit so far instead, Laplace-smoothed: (hit + 1) / (admitted + 2)
+    (``anchor_prior``, on by default; off: 0, the ``no-anchor-prior`` experiment)."""
+    built, drv = make_marconi(utility_form="value", anchor_state=True)
     st = built.cache.marconi
     x, y = toks(10000, 100), toks(20000, 40)
     drv.run(x, [1])  # anchor at 64, its last state at 100

@@ -177,9 +177,10 @@ class MarconiConfig:
     #: ``anchor_position``): the first reuse of a shared prefix then hits. On
     #: by default; off in ``lru`` (the paper's SGLang+) and ``variant: "paper"``.
     anchor_state: bool = True
-    #: ``value`` (an experiment): an anchor state not hit yet counts, while internal,
-    #: the share of anchors hit so far (Laplace-smoothed) as its frequency instead of 0.
-    anchor_prior: bool = False
+    #: ``value``: an anchor state not hit yet counts, while internal, the share of
+    #: anchors hit so far (Laplace-smoothed) as its frequency, instead of the 0 of an
+    #: internal state nobody resumed from. On by default.
+    anchor_prior: bool = True
     #: "marconi" (this project's default: replay distance to the nearest
     #: ancestor state, node-local bytes) or "paper" (the paper's formulas as
     #: stated: saved FLOPs from the parent, bytes counting the path's KV).
