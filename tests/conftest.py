@@ -24,6 +24,22 @@ def tree_nodes(cache) -> list:
     return sorted(nodes, key=lambda n: n.id)
 
 
+def replay_records(drv, requests, tree, check_every: int = 8) -> tuple[list, list]:
+    """Run ``requests`` (``prompt_ids``, ``completion_ids``) through ``drv``: per request
+    (hit, checkpoints, states evicted so far, KV tokens evicted so far), and ``tree(drv)``
+    every ``check_every`` requests and after the last."""
+    from sglang_marconi.replay.runner import _EvictionCounter
+
+    counter = _EvictionCounter(drv)
+    per_request, trees = [], []
+    for i, r in enumerate(requests):
+        res = drv.run(r.prompt_ids, r.completion_ids)
+        per_request.append((res.hit_len, tuple(res.checkpoints), counter.states, counter.kv_tokens))
+        if i % check_every == 0 or i == len(requests) - 1:
+            trees.append(tree(drv))
+    return per_request, trees
+
+
 @pytest.fixture
 def make_marconi():
     """make_marconi(kv_slots, mamba_slots, kv_budget=None, state_budget=None, **config) -> (built, driver).

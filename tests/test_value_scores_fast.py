@@ -17,9 +17,9 @@ from sglang_marconi.policy import builtin_profile
 from sglang_marconi.policy.utility import Candidate, EvictionQueue, ScoredQueue
 from sglang_marconi.replay.loaders import LoadOptions, Request, Trace, load_trace, traces_dir
 from sglang_marconi.replay.policies import Budget, PolicyOptions, TraceShape, build_policy, close
-from sglang_marconi.replay.runner import _EvictionCounter
 from sglang_marconi.sglang_backend import components
 
+from conftest import replay_records
 from test_vllm_one_pass import _tree
 
 
@@ -69,14 +69,8 @@ def _replay(trace: Trace, budget: Budget, fast: bool, check_every: int = 8, conf
             super().__init__(entries)
 
     components.ScoredQueue = CountedQueue
-    counter = _EvictionCounter(drv)
-    per_request, trees = [], []
     try:
-        for i, r in enumerate(trace.requests):
-            res = drv.run(r.prompt_ids, r.completion_ids)
-            per_request.append((res.hit_len, tuple(res.checkpoints), counter.states, counter.kv_tokens))
-            if i % check_every == 0 or i == len(trace.requests) - 1:
-                trees.append(_tree(drv))
+        per_request, trees = replay_records(drv, trace.requests, _tree, check_every)
     finally:
         components.ScoredQueue = ScoredQueue
         close(built)

@@ -13,8 +13,7 @@ import pytest
 from sglang_marconi.policy import builtin_profile
 from sglang_marconi.replay.loaders import LoadOptions, load_trace, traces_dir
 from sglang_marconi.replay.policies import Budget, PolicyOptions, TraceShape, build_policy, close
-from sglang_marconi.replay.runner import _EvictionCounter
-from conftest import tree_nodes
+from conftest import replay_records, tree_nodes
 
 
 def _tree(drv) -> tuple:
@@ -39,17 +38,10 @@ def _replay(trace, budget, one_pass: bool = True, check_every: int = 8, policy: 
     built, drv, _ = build_policy(policy, builtin_profile("paper-7b"), budget, shape, PolicyOptions(), reference=True)
     drv.one_pass = one_pass
     drv.cache.single_queue_fast = fast_queue
-    counter = _EvictionCounter(drv)
-    per_request, trees = [], []
     try:
-        for i, r in enumerate(trace.requests):
-            res = drv.run(r.prompt_ids, r.completion_ids)
-            per_request.append((res.hit_len, tuple(res.checkpoints), counter.states, counter.kv_tokens))
-            if i % check_every == 0 or i == len(trace.requests) - 1:
-                trees.append(_tree(drv))
+        return replay_records(drv, trace.requests, _tree, check_every)
     finally:
         close(built)
-    return per_request, trees
 
 
 def _budgets(trace, frac: float) -> list[Budget]:
