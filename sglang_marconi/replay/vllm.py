@@ -195,6 +195,17 @@ class BlockTree:
         self._touch(parent)
         return kv, st
 
+    def _evict_node(self, x):
+        """Evict a candidate: delete a leaf (returns its parent), or take an internal
+        node's state (returns None)."""
+        if not x.children:
+            parent = x.parent
+            self._delete_leaf(x)
+            return parent
+        x.state = False
+        self.states -= 1
+        return None
+
     def evict(self, num_tokens: int = 0, mamba_num: int = 0, locked=None) -> None:
         """``UnifiedRadixCache.evict(EvictParams(num_tokens, mamba_num))`` with Marconi's
         recency components: the KV pool's walk, then the state pool's. ``locked``: the
@@ -255,12 +266,7 @@ class BlockTree:
                 x = heapq.heappop(late)[3]
             else:
                 break
-            if not x.children:
-                cut_parent = x.parent
-                self._delete_leaf(x)
-            else:
-                x.state = False
-                self.states -= 1
+            cut_parent = self._evict_node(x)
             done += 1
         for _, _, _, x in late:  # they stay holders for the walks to come
             if x.parent is not None and x.state:
@@ -301,7 +307,6 @@ class BlockTree:
         """``MarconiRadixCache._evict_to_bytes_recency``: the oldest candidate (an
         unlocked node with at most one child that is a leaf or holds a state),
         ties by node id; a leaf is deleted, an internal node loses its state."""
-        self._phase += 1
         heap = self._single_heap
         n = 0
         while self.tree_bytes() > budget_bytes:
@@ -313,11 +318,7 @@ class BlockTree:
                     break
             if x is None:
                 break
-            if not x.children:
-                self._delete_leaf(x)
-            else:
-                x.state = False
-                self.states -= 1
+            self._evict_node(x)
             n += 1
         return n
 
