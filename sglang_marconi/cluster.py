@@ -93,13 +93,22 @@ def start_gateway(worker_urls: Sequence[str], policy: str, log_path: Path, port:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no log)"]
             raise ClusterError(f"the gateway exited with {proc.returncode}: {tail[0]} (log: {log_path})")
         try:
-            if _get(gw.url + "/readiness")[0] == 200:
+            if _get(gw.url + "/readiness")[0] == 200 and set(worker_urls) <= healthy_workers(gw.url):
                 return gw
-        except (urllib.error.URLError, ConnectionError, OSError):
+        except (urllib.error.URLError, ConnectionError, OSError, ValueError, KeyError):
             pass
         time.sleep(0.5)
     gw.stop()
-    raise ClusterError(f"the gateway was not ready after {ready_timeout:.0f}s (log: {log_path})")
+    raise ClusterError(f"the gateway was not ready with all {len(worker_urls)} workers healthy after "
+                       f"{ready_timeout:.0f}s (log: {log_path})")
+
+
+def healthy_workers(gateway_url: str) -> set:
+    """The worker URLs the gateway routes to now (its ``/workers``, healthy ones). Its
+    ``/readiness`` answers 200 once one worker is healthy; the others register in the
+    background, and a gateway used before then sent every request to the first."""
+    workers = json.loads(_get(gateway_url + "/workers")[1])["workers"]
+    return {w["url"] for w in workers if w.get("is_healthy")}
 
 
 @dataclass

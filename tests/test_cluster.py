@@ -99,14 +99,18 @@ def test_two_replicas_serve_the_sessions_with_hits_and_the_reference_outputs(sta
     check_outputs(got)
 
     # round_robin over the same replicas: both serve, with the same greedy tokens
+    # (start_gateway returns once every replica is healthy in the gateway's /workers: its
+    # /readiness alone answered while the second registered, and all went to the first)
     gw = cl.start_gateway(urls, "round_robin", tmp_path / "gateway-rr.log")
     try:
+        assert cl.healthy_workers(gw.url) == set(urls)
         got = cl.run_workload(gw.url, tok, scripts)
     finally:
         gw.stop()
     summary = cl.summarize(got, urls)
     assert summary["failed"] == 0, [r.error for r in got if r.error]
-    assert all(n > 0 for n in summary["per_replica"].values()), summary["per_replica"]
+    assert all(n > 0 for n in summary["per_replica"].values()), (
+        summary["per_replica"], (tmp_path / "gateway-rr.log").read_text(errors="replace")[-3000:])
     check_outputs(got)
 
 
