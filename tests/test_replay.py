@@ -471,6 +471,49 @@ def test_hit_ceiling_is_the_best_prefix_closed_choice():
     check()
 
 
+def test_weighted_choice_hand_computed():
+    """The prefixes of the ceiling's test, worth a=1, b=0.5, c=0.2, d=0.9: tokens 1-2
+    are worth 1.7, token 3 1.5, d's own 7-8 0.9, b's own 4 0.5, c's own 5 0.2; the
+    most valuable go first, a child only after its parent."""
+    from sglang_marconi.replay.bounds import weighted_choice
+
+    p = _arrays([1, 2, 3], [1, 2, 3, 4], [1, 2, 5], [7, 8])
+    w = [1.0, 0.5, 0.2, 0.9]
+    assert weighted_choice(p, w, 4) == [3, 3, 2, 1]  # 1, 2, 3, then one of d's
+    assert weighted_choice(p, w, 3, state_tokens=1) == [3, 3, 2, 0]  # no room left for d's state
+    assert weighted_choice(p, w, 6, state_tokens=1) == [3, 3, 2, 2]  # d's state + 2 tokens; b's state does not fit
+    assert weighted_choice(p, w, 10, max_states=1) == [3, 3, 2, 2]  # d's state, not b's or c's
+    assert weighted_choice(p, w, 10) == [3, 4, 3, 2]
+    assert weighted_choice(p, [1.0, 0.5, 0.2, 0.0], 10) == [3, 4, 3, 0]  # worth nothing: not kept
+    assert weighted_choice(p, w, 0) == [0, 0, 0, 0] and weighted_choice([], [], 5) == []
+
+
+def test_weighted_choice_with_equal_weights_is_the_ceiling():
+    """All weights 1 and no state charge: the kept tokens are the ceiling's count; with
+    any weights the kept set fits the room and holds only tokens of prefixes worth
+    something (hypothesis, small alphabets)."""
+    from hypothesis import given, settings, strategies as stn
+
+    from sglang_marconi.replay.bounds import hit_ceiling, weighted_choice
+
+    seq = stn.lists(stn.integers(0, 2), min_size=0, max_size=5)
+
+    @settings(max_examples=200, deadline=None)
+    @given(stn.lists(seq, min_size=1, max_size=5), stn.integers(0, 16),
+           stn.lists(stn.sampled_from([0.0, 0.1, 0.5, 1.0]), min_size=5, max_size=5))
+    def check(seqs, room, weights):
+        p = _arrays(*seqs)
+        kept = weighted_choice(p, [1.0] * len(p), room)
+        assert sum(kept) == hit_ceiling(p, room)
+        kept = weighted_choice(p, weights[: len(p)], room)
+        union = {tuple(s[: i + 1]) for s, k in zip(seqs, kept) for i in range(k)}
+        assert len(union) <= room and all(0 <= k <= len(s) for s, k in zip(seqs, kept))
+        worth = {t for s, k, w in zip(seqs, kept, weights) if w > 0 for t in (tuple(s[: i + 1]) for i in range(k))}
+        assert union == worth  # a token is kept only for a prefix worth something
+
+    check()
+
+
 def test_peek_hit_is_the_next_hit_and_changes_nothing(tmp_path):
     """``--live-ceiling 1`` walks the tree before every request: the hits are
     those of the same replay without it, request for request, and each policy's
@@ -496,6 +539,7 @@ def test_peek_hit_is_the_next_hit_and_changes_nothing(tmp_path):
         assert a["hit_tokens"] == b["hit_tokens"] and a["kv_tokens_evicted"] == b["kv_tokens_evicted"]
         assert b["live_samples"] > 20
         assert 0 < b["live_expected_hit"] <= b["live_hit_ceiling"]
+        assert 0 < b["live_end_blind_ceiling"] <= b["live_hit_ceiling"]
         assert "live_expected_hit" not in a or a["live_expected_hit"] is None
 
     # the probe's walk against the real match, request by request

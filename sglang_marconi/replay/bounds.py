@@ -76,6 +76,16 @@ def turn_hazards(requests: Sequence[Request], next_use: Sequence[int]) -> tuple[
     return {b: ends.get(b, 0) / c for b, c in seen.items()}, max(mean_gap, 1e-9)
 
 
+def p_alive(hazard: dict, mean_gap: float, last: Request, now: float) -> float:
+    """The chance that the session whose latest request is ``last`` sends another,
+    silent since: ``(1-h) e^(-t/g) / ((1-h) e^(-t/g) + h)`` with ``h`` its turn
+    bucket's end chance and ``g`` the mean turn gap (:func:`turn_hazards`;
+    exponential gaps)."""
+    h = hazard.get(last.turn // HAZARD_BUCKET, 1.0)
+    live = (1.0 - h) * math.exp(-max(0.0, now - last.arrival_s) / mean_gap)
+    return live / (live + h) if live + h > 0 else 0.0
+
+
 def session_next_use(requests: Sequence[Request]) -> list[int]:
     """Per request, the index of the same session's next request
     (``len(requests)``: none, the request is its session's last)."""
@@ -98,12 +108,6 @@ def session_hit_rate(requests: Sequence[Request], capacity: float, policy: str) 
     if policy == "turn-hazard":
         hazard, mean_gap = turn_hazards(requests, next_use)
 
-        def p_alive(s: str, now: float) -> float:
-            r = requests[stamp[s]]
-            h = hazard[r.turn // HAZARD_BUCKET]
-            live = (1.0 - h) * math.exp(-max(0.0, now - r.arrival_s) / mean_gap)
-            return live / (live + h) if live + h > 0 else 0.0
-
     resident: dict = {}  # session -> cached tokens
     stamp: dict = {}  # session -> index of its last request
     used = 0
@@ -123,7 +127,8 @@ def session_hit_rate(requests: Sequence[Request], capacity: float, policy: str) 
             elif policy == "end-oracle":
                 victim = min(resident, key=lambda s: (next_use[stamp[s]] < n, stamp[s]))
             elif policy == "turn-hazard":
-                victim = min(resident, key=lambda s: (p_alive(s, r.arrival_s), stamp[s]))
+                victim = min(resident, key=lambda s: (p_alive(hazard, mean_gap, requests[stamp[s]], r.arrival_s),
+                                                      stamp[s]))
             else:
                 victim = max(resident, key=lambda s: next_use[stamp[s]])
             used -= resident.pop(victim)
@@ -141,11 +146,11 @@ def _lcp(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
-def shared_histogram(prefixes: Sequence[np.ndarray]) -> tuple[list[tuple[int, int]], list[int]]:
-    """The trie of ``prefixes`` (token arrays): ``(multiplicity, tokens)`` for
-    every run of trie tokens on two or more of them, and per prefix (in the
-    given order) how many of its tokens are shared with another (its longest
-    common prefix with any other). Tokens past that are its own.
+def trie_edges(prefixes: Sequence[np.ndarray]) -> tuple[list[tuple[int, int, list[int]]], list[int]]:
+    """The trie of ``prefixes`` (token arrays): ``(start depth, tokens, members)`` for
+    every run of trie tokens on two or more of them (``members``: their indices), and
+    per prefix how many of its tokens are shared with another (its longest common
+    prefix with any other). Tokens past that are its own.
 
     LCP intervals of the sorted prefixes: sorting puts prefixes that share a
     longer start next to each other, so adjacent common prefixes give the trie.
@@ -158,7 +163,7 @@ def shared_histogram(prefixes: Sequence[np.ndarray]) -> tuple[list[tuple[int, in
         left = lcp[j - 1] if j > 0 else 0
         right = lcp[j] if j < n - 1 else 0
         shared[order[j]] = max(left, right)
-    runs: list[tuple[int, int]] = []
+    edges: list[tuple[int, int, list[int]]] = []
     stack = [(0, 0)]  # (common prefix length, first sorted index of the interval)
     for i in range(1, n + 1):
         depth = lcp[i - 1] if i < n else 0
@@ -166,10 +171,16 @@ def shared_histogram(prefixes: Sequence[np.ndarray]) -> tuple[list[tuple[int, in
         while depth < stack[-1][0]:
             top_depth, lb = stack.pop()
             parent = max(depth, stack[-1][0])
-            runs.append((i - lb, top_depth - parent))  # sorted prefixes lb..i-1 share these tokens
+            edges.append((parent, top_depth - parent, order[lb:i]))  # sorted prefixes lb..i-1 share these
         if depth > stack[-1][0]:
             stack.append((depth, lb))
-    return runs, shared
+    return edges, shared
+
+
+def shared_histogram(prefixes: Sequence[np.ndarray]) -> tuple[list[tuple[int, int]], list[int]]:
+    """:func:`trie_edges` as ``(multiplicity, tokens)`` runs, and the shared length per prefix."""
+    edges, shared = trie_edges(prefixes)
+    return [(len(members), tokens) for _, tokens, members in edges], shared
 
 
 def hit_ceiling(prefixes: Sequence[np.ndarray], kv_tokens: float, *, state_tokens: float = 0.0,
@@ -209,11 +220,59 @@ def hit_ceiling(prefixes: Sequence[np.ndarray], kv_tokens: float, *, state_token
     return value + best
 
 
+def weighted_choice(prefixes: Sequence[np.ndarray], weights: Sequence[float], kv_tokens: float, *,
+                    state_tokens: float = 0.0, max_states: Optional[int] = None) -> list[int]:
+    """How many leading tokens of each prefix a cache of ``kv_tokens`` keeps when it
+    fills itself by expected value: each trie token is worth the summed ``weights``
+    of the prefixes through it, and the most valuable tokens are kept first (along a
+    path the worth only falls, so the kept set is prefix-closed). A prefix's own
+    tokens open a state (``state_tokens`` of room, at most ``max_states`` states),
+    as in :func:`hit_ceiling`. With all weights 1 on the live prefixes it keeps
+    what that ceiling counts, up to how the state charges are placed."""
+    if not prefixes or kv_tokens <= 0:
+        return [0] * len(prefixes)
+    edges, shared = trie_edges(prefixes)
+    cands = [(sum(weights[m] for m in members), start, tokens, members, False) for start, tokens, members in edges]
+    cands += [(weights[j], shared[j], len(p) - shared[j], [j], True) for j, p in enumerate(prefixes)
+              if len(p) > shared[j]]
+    cands.sort(key=lambda c: (-c[0], c[1]))
+    depth = [0] * len(prefixes)
+    room = math.floor(kv_tokens)
+    states = 0
+    for weight, start, tokens, members, own in cands:
+        if room <= 0 or weight <= 0:
+            break
+        if depth[members[0]] != start:  # the path to it was not kept whole
+            continue
+        cost = 0.0
+        if own:
+            if max_states is not None and states >= max_states:
+                continue
+            cost = state_tokens
+        take = min(tokens, math.floor(room - cost))
+        if take <= 0:
+            continue
+        room -= take + cost
+        states += own
+        for m in members:
+            depth[m] += take
+    return depth
+
+
 class LiveHitProbe:
     """Every ``every``-th request of a replay, before it runs: each live
     session's expected hit in the cache (``peek(tokens)``: a read-only match)
     and the :func:`hit_ceiling` of the same moment, averaged over the sessions
-    live then; :meth:`summary` averages both over the samples."""
+    live then; :meth:`summary` averages both over the samples.
+
+    Also the **end-blind ceiling**: what the live sessions would hit in a cache
+    that does not know which sessions have ended. It fills the same budget with
+    every started session's context (its latest request's committed tokens), each
+    weighted by its chance of being alive (:func:`p_alive`, with the turn hazard
+    and mean gap known from the whole trace), by :func:`weighted_choice`. With
+    i.i.d. gaps the next request comes from any live session alike, so that is
+    the most expected value a cache can pick from what a session's turn and
+    silence tell; the ceiling's own surplus over it is what end knowledge buys."""
 
     def __init__(self, requests: Sequence[Request], every: int, kv_tokens: float, *, state_tokens: float = 0.0,
                  max_states: Optional[int] = None):
@@ -225,11 +284,13 @@ class LiveHitProbe:
         self.state_tokens = state_tokens
         self.max_states = max_states
         self.next_use = session_next_use(requests)
+        self.hazard, self.mean_gap = turn_hazards(requests, self.next_use)
         self.latest: dict = {}  # session -> index of its latest request so far
         self._arrays: dict = {}
         self.samples = 0
         self.expected = 0.0
         self.ceiling = 0.0
+        self.blind = 0.0
         self.live = 0
 
     def _tokens(self, r: Request) -> np.ndarray:
@@ -262,7 +323,18 @@ class LiveHitProbe:
         self.samples += 1
         self.expected += hits / len(live)
         self.ceiling += ceiling / len(live)
+        self.blind += self._end_blind(i, live, prefixes) / len(live)
         self.live += len(live)
+
+    def _end_blind(self, i: int, live: list[int], cacheable: list[np.ndarray]) -> float:
+        """The live sessions' hits in the end-blind cache at request ``i`` (class doc)."""
+        now = self.requests[i].arrival_s
+        started = list(self.latest.values())
+        contexts = [self._tokens(self.requests[j])[: self.requests[j].committed_len] for j in started]
+        weights = [p_alive(self.hazard, self.mean_gap, self.requests[j], now) for j in started]
+        kept = dict(zip(started, weighted_choice(contexts, weights, self.kv_tokens, state_tokens=self.state_tokens,
+                                                 max_states=self.max_states)))
+        return float(sum(min(kept[j], len(c)) for j, c in zip(live, cacheable)))
 
     def after(self, i: int) -> None:
         self.latest[self.requests[i].session_id] = i
@@ -274,6 +346,7 @@ class LiveHitProbe:
             "live_sessions_mean": round(self.live / k, 2) if k else None,
             "live_expected_hit": round(self.expected / k, 2) if k else None,
             "live_hit_ceiling": round(self.ceiling / k, 2) if k else None,
+            "live_end_blind_ceiling": round(self.blind / k, 2) if k else None,
         }
 
 

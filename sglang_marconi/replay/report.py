@@ -213,16 +213,18 @@ def _print_live_ceiling(console, results) -> None:
     lru = {r.budget.label(): r.metrics["live_expected_hit"] for r in runs if r.metrics["policy"] == "lru"}
     table = Table(title="expected hit tokens of the next request, per live session (--live-ceiling)")
     for col in ("budget", "policy", "samples", "live sessions", "expected hit", "ceiling", "÷ ceiling",
-                "÷ lru", "ceiling ÷ lru"):
+                "end-blind ceiling", "÷ end-blind", "÷ lru", "ceiling ÷ lru"):
         table.add_column(col, justify="left" if col in ("budget", "policy") else "right")
     for r in runs:
         m = r.metrics
         base = lru.get(r.budget.label())
-        e, c = m["live_expected_hit"], m["live_hit_ceiling"]
+        e, c, b = m["live_expected_hit"], m["live_hit_ceiling"], m["live_end_blind_ceiling"]
         table.add_row(r.budget.label(), m["policy"], str(m["live_samples"]), f"{m['live_sessions_mean']:.1f}",
-                      f"{e:,.1f}", f"{c:,.1f}", f"{e / c:.3f}" if c else "-",
+                      f"{e:,.1f}", f"{c:,.1f}", f"{e / c:.3f}" if c else "-", f"{b:,.1f}", f"{e / b:.3f}" if b else "-",
                       f"{e / base:.3f}" if base else "-", f"{c / base:.3f}" if base else "-")
     console.print(table)
+    console.print("end-blind ceiling: the same budget filled by each started session's chance of being alive "
+                  "(turn hazard and silence), not knowing which have ended (replay/bounds.py)")
 
 
 # --------------------------------------------------------------------------- plot
