@@ -486,6 +486,10 @@ def test_weighted_choice_hand_computed():
     assert weighted_choice(p, w, 10) == [3, 4, 3, 2]
     assert weighted_choice(p, [1.0, 0.5, 0.2, 0.0], 10) == [3, 4, 3, 0]  # worth nothing: not kept
     assert weighted_choice(p, w, 0) == [0, 0, 0, 0] and weighted_choice([], [], 5) == []
+    # own tokens whole or not at all: with room 4, d's two own tokens do not fit after 1, 2, 3
+    # (one token of room left), b's one does
+    assert weighted_choice(p, w, 4, whole=True) == [3, 4, 2, 0]
+    assert weighted_choice(p, w, 5, whole=True) == [3, 3, 2, 2]
 
 
 def test_weighted_choice_with_equal_weights_is_the_ceiling():
@@ -540,6 +544,7 @@ def test_peek_hit_is_the_next_hit_and_changes_nothing(tmp_path):
         assert b["live_samples"] > 20
         assert 0 < b["live_expected_hit"] <= b["live_hit_ceiling"]
         assert 0 < b["live_end_blind_ceiling"] <= b["live_hit_ceiling"]
+        assert 0 < b["live_end_blind_whole"] <= b["live_hit_ceiling"]
         assert "live_expected_hit" not in a or a["live_expected_hit"] is None
 
     # the probe's walk against the real match, request by request

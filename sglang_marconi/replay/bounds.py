@@ -221,14 +221,18 @@ def hit_ceiling(prefixes: Sequence[np.ndarray], kv_tokens: float, *, state_token
 
 
 def weighted_choice(prefixes: Sequence[np.ndarray], weights: Sequence[float], kv_tokens: float, *,
-                    state_tokens: float = 0.0, max_states: Optional[int] = None) -> list[int]:
+                    state_tokens: float = 0.0, max_states: Optional[int] = None, whole: bool = False) -> list[int]:
     """How many leading tokens of each prefix a cache of ``kv_tokens`` keeps when it
     fills itself by expected value: each trie token is worth the summed ``weights``
     of the prefixes through it, and the most valuable tokens are kept first (along a
     path the worth only falls, so the kept set is prefix-closed). A prefix's own
     tokens open a state (``state_tokens`` of room, at most ``max_states`` states),
     as in :func:`hit_ceiling`. With all weights 1 on the live prefixes it keeps
-    what that ceiling counts, up to how the state charges are placed."""
+    what that ceiling counts, up to how the state charges are placed.
+
+    ``whole``: a prefix's own tokens are kept whole or not at all (one state, at its
+    end; the next ones in order that fit are tried), as a cache whose sessions keep
+    no state inside their own tokens."""
     if not prefixes or kv_tokens <= 0:
         return [0] * len(prefixes)
     edges, shared = trie_edges(prefixes)
@@ -250,7 +254,7 @@ def weighted_choice(prefixes: Sequence[np.ndarray], weights: Sequence[float], kv
                 continue
             cost = state_tokens
         take = min(tokens, math.floor(room - cost))
-        if take <= 0:
+        if take <= 0 or (whole and own and take < tokens):
             continue
         room -= take + cost
         states += own
@@ -272,7 +276,10 @@ class LiveHitProbe:
     and mean gap known from the whole trace), by :func:`weighted_choice`. With
     i.i.d. gaps the next request comes from any live session alike, so that is
     the most expected value a cache can pick from what a session's turn and
-    silence tell; the ceiling's own surplus over it is what end knowledge buys."""
+    silence tell; the ceiling's own surplus over it is what end knowledge buys.
+    The same fill with each session's own tokens kept whole (``whole``: no state
+    inside them) is a reference, not a bound: it shows how much of the rest comes
+    from cutting a session's context short at a state inside it."""
 
     def __init__(self, requests: Sequence[Request], every: int, kv_tokens: float, *, state_tokens: float = 0.0,
                  max_states: Optional[int] = None):
@@ -291,6 +298,7 @@ class LiveHitProbe:
         self.expected = 0.0
         self.ceiling = 0.0
         self.blind = 0.0
+        self.blind_whole = 0.0
         self.live = 0
 
     def _tokens(self, r: Request) -> np.ndarray:
@@ -323,18 +331,24 @@ class LiveHitProbe:
         self.samples += 1
         self.expected += hits / len(live)
         self.ceiling += ceiling / len(live)
-        self.blind += self._end_blind(i, live, prefixes) / len(live)
+        blind, whole = self._end_blind(i, live, prefixes)
+        self.blind += blind / len(live)
+        self.blind_whole += whole / len(live)
         self.live += len(live)
 
-    def _end_blind(self, i: int, live: list[int], cacheable: list[np.ndarray]) -> float:
-        """The live sessions' hits in the end-blind cache at request ``i`` (class doc)."""
+    def _end_blind(self, i: int, live: list[int], cacheable: list[np.ndarray]) -> tuple[float, float]:
+        """The live sessions' hits in the end-blind cache at request ``i`` (class doc):
+        cut anywhere, and with each session's own tokens kept whole."""
         now = self.requests[i].arrival_s
         started = list(self.latest.values())
         contexts = [self._tokens(self.requests[j])[: self.requests[j].committed_len] for j in started]
         weights = [p_alive(self.hazard, self.mean_gap, self.requests[j], now) for j in started]
-        kept = dict(zip(started, weighted_choice(contexts, weights, self.kv_tokens, state_tokens=self.state_tokens,
-                                                 max_states=self.max_states)))
-        return float(sum(min(kept[j], len(c)) for j, c in zip(live, cacheable)))
+        out = []
+        for whole in (False, True):
+            kept = dict(zip(started, weighted_choice(contexts, weights, self.kv_tokens, state_tokens=self.state_tokens,
+                                                     max_states=self.max_states, whole=whole)))
+            out.append(float(sum(min(kept[j], len(c)) for j, c in zip(live, cacheable))))
+        return out[0], out[1]
 
     def after(self, i: int) -> None:
         self.latest[self.requests[i].session_id] = i
@@ -347,6 +361,7 @@ class LiveHitProbe:
             "live_expected_hit": round(self.expected / k, 2) if k else None,
             "live_hit_ceiling": round(self.ceiling / k, 2) if k else None,
             "live_end_blind_ceiling": round(self.blind / k, 2) if k else None,
+            "live_end_blind_whole": round(self.blind_whole / k, 2) if k else None,
         }
 
 

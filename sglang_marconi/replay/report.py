@@ -202,6 +202,10 @@ def print_table(console, doc: dict, results) -> None:
     _print_live_ceiling(console, results)
 
 
+def _share(part: float, whole: float) -> str:
+    return f"{part / whole:.3f}" if whole else "-"
+
+
 def _print_live_ceiling(console, results) -> None:
     """``--live-ceiling``: each run's expected hit per live session against the
     most any cache of its budget could hold, and both against LRU's."""
@@ -213,18 +217,20 @@ def _print_live_ceiling(console, results) -> None:
     lru = {r.budget.label(): r.metrics["live_expected_hit"] for r in runs if r.metrics["policy"] == "lru"}
     table = Table(title="expected hit tokens of the next request, per live session (--live-ceiling)")
     for col in ("budget", "policy", "samples", "live sessions", "expected hit", "ceiling", "÷ ceiling",
-                "end-blind ceiling", "÷ end-blind", "÷ lru", "ceiling ÷ lru"):
+                "end-blind ceiling", "÷ end-blind", "end-blind whole", "÷ whole", "÷ lru", "ceiling ÷ lru"):
         table.add_column(col, justify="left" if col in ("budget", "policy") else "right")
     for r in runs:
         m = r.metrics
         base = lru.get(r.budget.label())
-        e, c, b = m["live_expected_hit"], m["live_hit_ceiling"], m["live_end_blind_ceiling"]
+        e, c, b, w = (m["live_expected_hit"], m["live_hit_ceiling"], m["live_end_blind_ceiling"],
+                      m["live_end_blind_whole"])
         table.add_row(r.budget.label(), m["policy"], str(m["live_samples"]), f"{m['live_sessions_mean']:.1f}",
-                      f"{e:,.1f}", f"{c:,.1f}", f"{e / c:.3f}" if c else "-", f"{b:,.1f}", f"{e / b:.3f}" if b else "-",
+                      f"{e:,.1f}", f"{c:,.1f}", _share(e, c), f"{b:,.1f}", _share(e, b), f"{w:,.1f}", _share(e, w),
                       f"{e / base:.3f}" if base else "-", f"{c / base:.3f}" if base else "-")
     console.print(table)
     console.print("end-blind ceiling: the same budget filled by each started session's chance of being alive "
-                  "(turn hazard and silence), not knowing which have ended (replay/bounds.py)")
+                  "(turn hazard and silence), not knowing which have ended; whole: each session's own tokens kept "
+                  "whole or not at all (a reference, not a bound; replay/bounds.py)")
 
 
 # --------------------------------------------------------------------------- plot
