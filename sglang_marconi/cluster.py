@@ -87,20 +87,25 @@ def start_gateway(worker_urls: Sequence[str], policy: str, log_path: Path, port:
                             stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(log_path.parent))
     log.close()
     gw = Gateway(proc, f"http://127.0.0.1:{port}", log_path)
+    wanted = {u.rstrip("/") for u in worker_urls}
+    healthy: set = set()
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no log)"]
             raise ClusterError(f"the gateway exited with {proc.returncode}: {tail[0]} (log: {log_path})")
         try:
-            if _get(gw.url + "/readiness")[0] == 200 and set(worker_urls) <= healthy_workers(gw.url):
-                return gw
+            if _get(gw.url + "/readiness")[0] == 200:
+                healthy = healthy_workers(gw.url)
+                if wanted <= healthy:
+                    return gw
         except (urllib.error.URLError, ConnectionError, OSError, ValueError, KeyError):
             pass
         time.sleep(0.5)
     gw.stop()
-    raise ClusterError(f"the gateway was not ready with all {len(worker_urls)} workers healthy after "
-                       f"{ready_timeout:.0f}s (log: {log_path})")
+    missing = ", ".join(sorted(wanted - healthy))
+    raise ClusterError(f"the gateway was not ready after {ready_timeout:.0f}s: not healthy in its /workers: {missing} "
+                       f"(log: {log_path})")
 
 
 def healthy_workers(gateway_url: str) -> set:
@@ -108,7 +113,7 @@ def healthy_workers(gateway_url: str) -> set:
     ``/readiness`` answers 200 once one worker is healthy; the others register in the
     background, and a gateway used before then sent every request to the first."""
     workers = json.loads(_get(gateway_url + "/workers")[1])["workers"]
-    return {w["url"] for w in workers if w.get("is_healthy")}
+    return {w["url"].rstrip("/") for w in workers if w.get("is_healthy")}
 
 
 @dataclass

@@ -150,3 +150,16 @@ def test_replicas_split_the_cores_unless_the_user_set_threads(monkeypatch):
     assert cl.replica_env(16) == {"OMP_NUM_THREADS": "1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert cl.replica_env(2) == {}  # the user's setting reaches the replicas unchanged
+
+
+def test_gateway_not_ready_names_the_workers_it_waited_for(tmp_path):
+    """A worker that never becomes healthy in the gateway's /workers: start_gateway stops the
+    gateway after its timeout and names that worker in one line (a trailing slash is the same URL)."""
+    if importlib.util.find_spec("smg") is None:
+        pytest.skip("smg (the gateway) is not installed")
+    url = f"http://127.0.0.1:{launch.free_port()}"
+    with pytest.raises(cl.ClusterError) as e:
+        cl.start_gateway([url + "/"], "round_robin", tmp_path / "gateway.log", ready_timeout=6)
+    msg = str(e.value)
+    assert msg.startswith("the gateway was not ready after 6s: not healthy in its /workers: ")
+    assert url in msg and "\n" not in msg
