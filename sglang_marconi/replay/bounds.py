@@ -233,14 +233,28 @@ def weighted_choice(prefixes: Sequence[np.ndarray], weights: Sequence[float], kv
     ``whole``: a prefix's own tokens are kept whole or not at all (one state, at its
     end; the next ones in order that fit are tried), as a cache whose sessions keep
     no state inside their own tokens."""
-    if not prefixes or kv_tokens <= 0:
-        return [0] * len(prefixes)
+    return _fill(_worth_order(prefixes, weights), len(prefixes), kv_tokens, state_tokens=state_tokens,
+                 max_states=max_states, whole=whole)
+
+
+def _worth_order(prefixes: Sequence[np.ndarray], weights: Sequence[float]) -> list[tuple]:
+    """:func:`weighted_choice`'s trie runs, most valuable first: ``(worth, start
+    depth, tokens, members, own)``, ``own`` for a prefix's own tokens."""
+    if not prefixes:
+        return []
     edges, shared = trie_edges(prefixes)
     cands = [(sum(weights[m] for m in members), start, tokens, members, False) for start, tokens, members in edges]
     cands += [(weights[j], shared[j], len(p) - shared[j], [j], True) for j, p in enumerate(prefixes)
               if len(p) > shared[j]]
     cands.sort(key=lambda c: (-c[0], c[1]))
-    depth = [0] * len(prefixes)
+    return cands
+
+
+def _fill(cands: list[tuple], n: int, kv_tokens: float, *, state_tokens: float, max_states: Optional[int],
+          whole: bool) -> list[int]:
+    """Keep ``cands`` (:func:`_worth_order`) in order within ``kv_tokens``: the kept
+    depth of each of the ``n`` prefixes."""
+    depth = [0] * n
     room = math.floor(kv_tokens)
     states = 0
     for weight, start, tokens, members, own in cands:
@@ -343,10 +357,11 @@ class LiveHitProbe:
         started = list(self.latest.values())
         contexts = [self._tokens(self.requests[j])[: self.requests[j].committed_len] for j in started]
         weights = [p_alive(self.hazard, self.mean_gap, self.requests[j], now) for j in started]
+        order = _worth_order(contexts, weights)  # one trie for both fills
         out = []
         for whole in (False, True):
-            kept = dict(zip(started, weighted_choice(contexts, weights, self.kv_tokens, state_tokens=self.state_tokens,
-                                                     max_states=self.max_states, whole=whole)))
+            kept = dict(zip(started, _fill(order, len(started), self.kv_tokens, state_tokens=self.state_tokens,
+                                           max_states=self.max_states, whole=whole)))
             out.append(float(sum(min(kept[j], len(c)) for j, c in zip(live, cacheable))))
         return out[0], out[1]
 

@@ -226,7 +226,7 @@ def _print_live_ceiling(console, results) -> None:
                       m["live_end_blind_whole"])
         table.add_row(r.budget.label(), m["policy"], str(m["live_samples"]), f"{m['live_sessions_mean']:.1f}",
                       f"{e:,.1f}", f"{c:,.1f}", _share(e, c), f"{b:,.1f}", _share(e, b), f"{w:,.1f}", _share(e, w),
-                      f"{e / base:.3f}" if base else "-", f"{c / base:.3f}" if base else "-")
+                      _share(e, base), _share(c, base))
     console.print(table)
     console.print("end-blind ceiling: the same budget filled by each started session's chance of being alive "
                   "(turn hazard and silence), not knowing which have ended; whole: each session's own tokens kept "
