@@ -319,7 +319,7 @@ PAPER_TUNER = '{"variant": "paper"}'
 
 
 def test_soak_survives_killing_the_tuner_process(servers, model, tmp_path):
-    """The paper's α tuner replays in a spawned process; SIGKILL it mid-soak: the server
+    """The paper's α tuner replays in a forked worker process; SIGKILL it mid-soak: the server
     keeps serving (α kept), logs one line, and every soak check still passes."""
     from sglang_marconi.cpu_serving import soak
 

@@ -662,7 +662,7 @@ def test_killed_tuner_process_keeps_alpha_and_logs_one_line(busy, caplog):
         with caplog.at_level(logging.INFO, logger="sglang_marconi.policy.tuner"):
             feed(t, 0, 1)
             t.on_eviction()
-            feed(t, 1, 1)  # the window is due: the replay starts in the spawned process
+            feed(t, 1, 1)  # the window is due: the replay starts in the tuner's process
             if not busy:
                 t.wait(timeout=120)
                 assert t.alpha == 0.5
@@ -681,3 +681,52 @@ def test_killed_tuner_process_keeps_alpha_and_logs_one_line(busy, caplog):
         assert t.alpha == (0.0 if busy else 0.5)
     finally:
         t.close()
+
+
+SLOW_MAIN = '''
+import sys, time
+if __name__ == "__mp_main__":
+    time.sleep(120)  # like a server's main module: slow to re-import in a worker
+if __name__ == "__main__":
+    from sglang_marconi.policy.tuner import one_worker_executor
+    one_worker_executor("process", "t").submit(int)
+    print("submitted", flush=True)
+    time.sleep(600)
+'''
+
+
+def test_tuner_worker_exits_with_its_parent_even_while_starting(tmp_path):
+    """The parent (standing in for the scheduler, whose main module is slow to re-import)
+    is SIGKILLed while the tuner's worker is still re-importing it: the worker, the
+    forkserver and the resource tracker are all gone long before that import would end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sglang_marconi.cpu_serving.soak import _cmdline, _group_pids
+
+    script = tmp_path / "slow_main.py"
+    script.write_text(SLOW_MAIN)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "submitted"
+        deadline = time.monotonic() + 60
+        workers = []
+        while len(workers) < 2 and time.monotonic() < deadline:  # the forkserver and its worker
+            workers = [p for p in _group_pids(proc.pid) if "multiprocessing.forkserver" in _cmdline(p)]
+            time.sleep(0.2)
+        assert len(workers) == 2, [_cmdline(p) for p in _group_pids(proc.pid)]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30  # the worker's start-up alone takes 120 s
+        left = _group_pids(proc.pid)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = _group_pids(proc.pid)
+        assert left == [], [_cmdline(p) for p in left]
+    finally:
+        for p in _group_pids(proc.pid):
+            os.kill(p, signal.SIGKILL)

@@ -367,10 +367,13 @@ def _ppid(pid: int) -> int:
 
 
 def background_pids(srv) -> List[int]:
-    """The cache's background processes: ``multiprocessing`` spawn workers whose parent is
-    the server's scheduler (SGLang titles it ``sglang::scheduler``)."""
-    return [pid for pid in _group_pids(srv.proc.pid)
-            if "spawn_main" in _cmdline(pid) and _cmdline(_ppid(pid)).startswith("sglang::scheduler")]
+    """The cache's background processes: the ``multiprocessing`` forkserver the server's
+    scheduler started (SGLang titles it ``sglang::scheduler``) and the workers it forked
+    (the α tuner's, ``policy/tuner.py``)."""
+    pids = _group_pids(srv.proc.pid)
+    servers = [pid for pid in pids if "multiprocessing.forkserver" in _cmdline(pid)
+               and _cmdline(_ppid(pid)).startswith("sglang::scheduler")]
+    return servers + [pid for pid in pids if _ppid(pid) in servers]
 
 
 def _group_pids(pgid: int) -> List[int]:
@@ -440,8 +443,7 @@ def run_soak(model, duration: float, clients: int, seed: int = 0, config: Option
 
 def sigterm_leftovers(srv, timeout: float = 60.0) -> List[int]:
     """SIGTERM the server's main process only (as an init system would), wait for it to
-    exit, and return the processes of its session still alive up to ``timeout`` s later
-    (a worker that was still starting exits once it has: it re-imports the server first)."""
+    exit, and return the processes of its session still alive up to ``timeout`` s later."""
     if srv.proc.poll() is None:
         os.kill(srv.proc.pid, signal.SIGTERM)
         try:

@@ -50,8 +50,6 @@ from concurrent.futures.process import BrokenProcessPool
 import logging
 import multiprocessing
 import os
-import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -64,30 +62,26 @@ RequestRecord = tuple[tuple[int, ...], tuple[int, ...]]  # (input ids, output id
 ReplayFn = Callable[[Any, Sequence[RequestRecord], Sequence[RequestRecord], Sequence[float]], dict]
 
 
-def _exit_with(parent: int) -> None:
-    """Exit as soon as ``parent`` (the server's scheduler) is gone: whether it ended
-    while this worker was still starting (a spawned worker first re-imports the
-    server's modules) or later, no replay worker outlives it."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
-
-
-def _background_priority(parent: int) -> None:
-    """Tuner processes yield the CPU to the scheduler (lowest nice level) and die with it."""
+def _background_priority() -> None:
+    """Tuner processes yield the CPU to the scheduler (lowest nice level)."""
     try:
         os.nice(19)
     except OSError:
         pass
-    threading.Thread(target=_exit_with, args=(parent,), name="marconi-tuner-parent", daemon=True).start()
 
 
 def one_worker_executor(mode: str, thread_name: str) -> cf.Executor:
-    """The one-worker executor background replays run on: a spawned process at the
-    lowest CPU priority (``"process"``) or a thread (``"thread"``)."""
+    """The one-worker executor background replays run on: a process at the lowest CPU
+    priority (``"process"``) or a thread (``"thread"``).
+
+    The process is forked by a ``multiprocessing`` forkserver that preloads only
+    ``tuner_forkserver``, which makes every worker exit with the scheduler from its
+    first instant: a worker still starting (re-importing the server's main module
+    takes seconds) does not outlive the server, as a spawned one could."""
     if mode == "process":
-        return cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_background_priority, initargs=(os.getpid(),))
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([f"{__package__}.tuner_forkserver"])
+        return cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_background_priority)
     return cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
 
 
@@ -140,7 +134,7 @@ class AlphaTuner:
         if not self.fixed and config.tuner == "process":
             # spawn the worker now (a no-op job), not at the first tuning window: that
             # window does not wait for a Python start-up, and the process exists from
-            # the server's start (it exits with the scheduler: _background_priority)
+            # the server's start (it exits with the scheduler: one_worker_executor)
             self._executor = one_worker_executor(config.tuner, "marconi-tuner")
             self._executor.submit(int)
 

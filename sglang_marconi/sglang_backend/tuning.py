@@ -1,7 +1,7 @@
 """The α tuner's replay, and the one constructor every driver uses for a Marconi cache.
 
 ``replay_alphas`` is what :class:`~sglang_marconi.policy.tuner.AlphaTuner`
-runs off the scheduler's thread (in a spawned process by default): for each α
+runs off the scheduler's thread (in a worker process by default): for each α
 it builds a fresh :class:`MarconiRadixCache` with the live cache's slot counts
 and budgets (tiny tensors), replays the warm-up requests uncounted, then the
 window, and reports the prefill FLOPs the hits saved. Same components, same
