@@ -50,12 +50,14 @@ def test_tiny_suite_table_and_json(tmp_path, capsys):
     assert doc["summary"]["sglang"]["geomean_vs_lru"] == pytest.approx(sg)
 
 
-def test_heldout_half_is_the_next_sessions():
-    args = suite.build_parser().parse_args(["--half", "heldout", "--shapes", "toolagent", "--profiles", "paper-7b",
+@pytest.mark.parametrize("half,first", [("heldout", 4), ("fresh", 7)])
+def test_heldout_and_fresh_are_the_next_sessions(half, first):
+    args = suite.build_parser().parse_args(["--half", half, "--shapes", "toolagent", "--profiles", "paper-7b",
                                             "--layouts", "two", "--budgets", "0.25", "--policies", "lru",
                                             "--jobs", "1", "--no-progress", "--quick"])
     doc = suite.run(args)
-    assert doc["shapes"]["toolagent"]["sessions"] == [4, 5]  # quick: the first 2 of sessions 4..6
+    # quick: the first 2 of sessions 4..6 (heldout) or 7..9 (fresh)
+    assert doc["shapes"]["toolagent"]["sessions"] == [first, first + 1]
     assert doc["shapes"]["toolagent"]["trace_summary"]["sessions"] == 2 and len(doc["cells"]) == 1
 
 

@@ -166,3 +166,28 @@ def test_an_unhit_anchor_counts_the_share_of_anchors_hit_as_its_evidence(make_ma
     assert st.frequency(ay) == pytest.approx(2 / 4)
     st.config = dataclasses.replace(st.config, anchor_prior=False)
     assert st.frequency(ay) == 0 and st.frequency(ax) == 1
+
+
+def test_internal_prior_experiment_counts_the_share_of_unproven_internal_states_hit(make_marconi):
+    """The ``internal-prior`` experiment (off by default; rejected on the choice half): an
+    internal state with no evidence of its own (not a branch point, not an anchor, never
+    resumed from while internal) counts (hit + 1) / (hit + evicted unhit + 2) over such
+    states instead of 0."""
+    built, drv = make_marconi(utility_form="value", internal_prior=True)
+    st = built.cache.marconi
+    x, y = toks(10000, 100), toks(20000, 60)
+    drv.run(x, [1])
+    drv.run(x + [1] + toks(30000, 400), [1])  # continues x: x's last state becomes internal
+    drv.run(y, [1])
+    drv.run(y + [1] + toks(40000, 400), [1])
+    ax, ay = (node_ending_at(built, len(s), s) for s in (x, y))
+    assert has_state(ax) and ax.children and has_state(ay) and ay.children
+    assert st.frequency(ax) == st.frequency(ay) == pytest.approx(1 / 2)  # no evidence yet
+    st.config = dataclasses.replace(st.config, internal_prior=False)
+    assert st.frequency(ax) == st.frequency(ay) == 0  # the default: an internal state nobody resumed from
+    st.config = dataclasses.replace(st.config, internal_prior=True)
+    drv.run(x + [1] + toks(50000, 400), [1])  # resumes at ax and goes another way: a hit while internal
+    assert (st.internal_hit, st.internal_lost) == (1, 0) and st.frequency(ax) == 1
+    assert st.frequency(ay) == pytest.approx(2 / 3)
+    evict_states(built, 1)  # ay: 2/3 of a 60-token prefill per state; each leaf saves 400 tokens' worth
+    assert not has_state(ay) and ay.children and (st.internal_hit, st.internal_lost) == (1, 1)

@@ -67,7 +67,7 @@ _CHOICES = {
 }
 _BOOLS = ("retune", "warm_start", "confirm", "tombstones_first", "density_reuse",
           "tombstones_spare_branches", "superseded_first", "superseded_needs_state",
-          "ended_first", "ended_in_density", "value_frequency", "anchor_state", "anchor_prior")
+          "ended_first", "ended_in_density", "value_frequency", "anchor_state", "anchor_prior", "internal_prior")
 #: Keys that take an integer (with its minimum).
 _INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "end_tail_tokens": 1}
@@ -181,6 +181,10 @@ class MarconiConfig:
     #: anchors hit so far (Laplace-smoothed) as its frequency, instead of the 0 of an
     #: internal state nobody resumed from. On by default.
     anchor_prior: bool = True
+    #: ``value``: any other internal state without evidence of its own (never resumed
+    #: from while internal, not a branch point) counts the share of such states hit
+    #: while internal so far, instead of 0. Experiment (``marconi:internal-prior``).
+    internal_prior: bool = False
     #: "marconi" (this project's default: replay distance to the nearest
     #: ancestor state, node-local bytes) or "paper" (the paper's formulas as
     #: stated: saved FLOPs from the parent, bytes counting the path's KV).

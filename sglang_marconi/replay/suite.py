@@ -1,6 +1,6 @@
 """The evaluation suite: every trace shape × cost profile × budget layout × budget, one command.
 
-    python -m sglang_marconi.replay.suite --half choice|heldout [--policies lru,sglang,marconi] \\
+    python -m sglang_marconi.replay.suite --half choice|heldout|fresh [--policies lru,sglang,marconi] \\
         [--variant NAME=JSON ...] [--marconi-config JSON] [--profiles paper-7b,qwen3.5-9b] \\
         [--layouts two,one] [--budgets 0.05,0.1,0.25] [--shapes ...] [--jobs 2] [--json OUT] [--quick]
 
@@ -10,7 +10,8 @@ per pool for two pools, of KV + states for one byte budget), then every (profile
 budget, policy) replay runs in-process (``runner.replay_one``) in ``--jobs`` forked
 workers. Policy choices are made on the ``choice`` half of every shape and reported on
 the ``heldout`` half: the two halves are disjoint sessions of the same source (table
-below). ``sglang`` has no single byte budget: it is skipped under ``--layouts one``.
+below). ``fresh`` is a third slice of the same size after them, for a last check of a
+default on sessions neither its choice nor its reports have seen. ``sglang`` has no single byte budget: it is skipped under ``--layouts one``.
 
 The table prints per cell the token hit rate of every policy and each policy ÷ ``lru``
 (and ÷ ``sglang`` with two pools), then per policy: the geometric mean ÷ ``lru`` over
@@ -44,8 +45,8 @@ SYSTEM_PROMPT_FILE = REPO / "examples" / "data" / "system_prompt.txt"
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """One trace shape: ``--trace`` spec and loader options; the choice half is sessions
-    1..``sessions``, the held-out half sessions ``sessions``+1..2·``sessions`` (``--quick``:
-    the first ``quick`` sessions of each half)."""
+    1..``sessions``, the held-out half sessions ``sessions``+1..2·``sessions``, the fresh
+    slice 2·``sessions``+1..3·``sessions`` (``--quick``: the first ``quick`` sessions of each)."""
 
     source: str
     options: dict
@@ -58,7 +59,7 @@ class Shape:
         if opts.get("system_prompt", "").startswith("@"):
             opts["system_prompt"] = (REPO / opts["system_prompt"][1:]).read_text(encoding="utf-8")
         return LoadOptions(sessions=self.quick if quick else self.sessions,
-                           skip_sessions=self.sessions if half == "heldout" else 0, **opts)
+                           skip_sessions=self.sessions * HALVES.index(half), **opts)
 
 
 #: name -> shape. Sizes: one half of the full suite (lru, sglang, marconi; both profiles,
@@ -78,6 +79,7 @@ SHAPES: dict[str, Shape] = {
     "toolagent": Shape("toolagent:0", {"max_tokens": None}, 60, 15,
                        "tool-using agent / RAG sessions (synthetic, seed 0)"),
 }
+HALVES = ("choice", "heldout", "fresh")  # consecutive slices of each source's sessions
 PROFILES = ("paper-7b", "qwen3.5-9b")
 LAYOUTS = ("two", "one")
 BUDGETS = (0.05, 0.1, 0.25)
@@ -325,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="The evaluation suite: token hit rate of each policy over every trace "
                                              "shape, cost profile, budget layout and budget, with ratios to lru "
                                              "and sglang. See docs/evaluation.md.")
-    ap.add_argument("--half", required=True, choices=("choice", "heldout"),
-                    help="choice: sessions policy decisions are made on; heldout: the disjoint sessions reported")
+    ap.add_argument("--half", required=True, choices=HALVES,
+                    help="choice: sessions policy decisions are made on; heldout: the disjoint sessions reported; "
+                         "fresh: the next ones, for a last check")
     ap.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated (default {DEFAULT_POLICIES})")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help="policy marconi:NAME = the marconi policy with these config overrides (repeatable)")
