@@ -249,3 +249,90 @@ def test_max_tokens_cut_and_defaults():
     dropped = sum(r.prompt_len + r.completion_len > 16384 for r in whole.requests)
     assert dropped > 0 and len(cut.requests) == 50 - dropped
     assert cut.meta["requests_cut_by_max_tokens"] == dropped
+
+
+# ------------------------------------------------------ shapes outside the suite
+
+OUTSIDE = sorted(syn.OUTSIDE_SHAPES)
+
+
+@pytest.mark.parametrize("kind", OUTSIDE)
+def test_outside_shapes_are_seeded_prefix_stable_and_append_only(kind):
+    gen = syn.OUTSIDE_SHAPES[kind]
+    a = [(s.session_id, s.stream, s.turns) for s in itertools.islice(gen(3), 12)]
+    assert a == [(s.session_id, s.stream, s.turns) for s in itertools.islice(gen(3), 12)]
+    assert a[:5] == [(s.session_id, s.stream, s.turns) for s in itertools.islice(gen(3), 5)]
+    assert a != [(s.session_id, s.stream, s.turns) for s in itertools.islice(gen(4), 12)]
+    whole = load_trace(f"{kind}:3", LoadOptions(sessions=12))
+    first = load_trace(f"{kind}:3", LoadOptions(sessions=6))
+    second = load_trace(f"{kind}:3", LoadOptions(sessions=6, skip_sessions=6))
+    key = lambda t: sorted((r.session_id, r.turn, r.prompt_ids, r.completion_ids) for r in t.requests)  # noqa: E731
+    assert key(whole) == sorted(key(first) + key(second)) and whole.sessions == 12
+    last: dict = {}
+    for r in whole.requests:  # within a session each request extends the previous one
+        prev = last.get(r.session_id)
+        assert prev is None or r.prompt_ids[: len(prev)] == prev
+        assert all(0 <= t < 150_000 for t in r.prompt_ids + r.completion_ids)
+        last[r.session_id] = r.prompt_ids + r.completion_ids
+    assert [r.arrival_s for r in whole.requests] == sorted(r.arrival_s for r in whole.requests)
+
+
+def test_multitenant_and_docchat_share_exactly_the_tenant_prompt_or_the_document():
+    for gen, key in ((syn.iter_multitenant, "tenant"), (syn.iter_docchat, "doc")):
+        sessions = list(itertools.islice(gen(0), 60))
+        assert len({s.meta[key] for s in sessions}) < len(sessions), key  # skewed popularity: repeats
+        for a, b in itertools.combinations(sessions, 2):
+            n = common_prefix(a.stream, b.stream)
+            if a.meta[key] == b.meta[key]:  # the same prompt or document whole, then unique messages
+                assert n == a.meta["shared_tokens"] == b.meta["shared_tokens"]
+            else:  # different tenants share nothing; different documents the system prompt
+                assert n == (0 if key == "tenant" else 400)
+
+
+def test_bestofn_groups_send_one_prompt_n_times_then_follow_one_sample():
+    sessions = list(itertools.islice(syn.iter_bestofn(0), 40))
+    groups: dict = {}
+    for s in sessions:
+        groups.setdefault(s.meta["group"], []).append(s)
+    assert any(any(s.session_id.endswith(".f") for s in g) for g in groups.values())
+    for g in list(groups.values())[:-1]:  # the last group may be cut by islice
+        samples = [s for s in g if not s.session_id.endswith(".f")]
+        assert len(samples) == 4
+        p = samples[0].turns[0][1]
+        assert all(s.turns[0][:2] == (samples[0].turns[0][0], p) and s.stream[:p] == samples[0].stream[:p]
+                   for s in samples)
+        assert len({tuple(s.stream[p:]) for s in samples}) == 4  # four different completions
+        for f in (s for s in g if s.session_id.endswith(".f")):
+            assert any(f.stream[: len(s.stream)] == s.stream for s in samples)  # continues one sample
+            assert f.turns[0][0] > samples[0].turns[0][0]
+
+
+def test_compaction_restarts_from_the_system_prompt_task_and_a_summary():
+    parts = list(itertools.islice(syn.iter_compaction(0), 12))
+    by_agent: dict = {}
+    for s in parts:
+        agent, part = s.session_id.rsplit("-c", 1)
+        by_agent.setdefault(agent, []).append((int(part), s))
+    system = parts[0].stream[:2000]
+    assert all(s.stream[:2000] == system for s in parts)
+    compacted = [v for v in by_agent.values() if len(v) > 1]
+    assert compacted
+    for v in compacted:
+        v.sort(key=lambda x: x[0])
+        assert [p for p, _ in v] == list(range(len(v)))
+        head = v[0][1].turns[0][1]  # system + task
+        for (_, a), (_, b) in zip(v, v[1:]):
+            assert b.stream[:head] == a.stream[:head]
+            assert common_prefix(a.stream, b.stream) < head + 800  # the summary is new
+            assert len(a.turns) == 8 and b.turns[0][0] > a.turns[-1][0]
+
+
+def test_outside_shape_errors_and_writer(tmp_path):
+    with pytest.raises(TraceError, match="SEED must be an integer, got 'x'"):
+        load_trace("docchat:x", UNCUT)
+    out = tmp_path / "bo.jsonl"
+    assert syn.main(["bestofn", "--seed", "2", "--sessions", "9", "--out", str(out)]) == 0
+    a = load_trace(str(out), UNCUT)
+    b = load_trace("bestofn:2", LoadOptions(sessions=9))
+    key = lambda t: sorted((r.session_id, r.turn, r.prompt_ids, r.completion_ids) for r in t.requests)  # noqa: E731
+    assert key(a) == key(b)

@@ -14,7 +14,9 @@ Sources (``--trace``):
 * ``gsm8k[:DIR]`` — GSM8K k-shot (``--k``): the first k train problems as a
   shared exemplar prefix, one request per test problem.
 * ``mooncake:PATH``, ``longdoc[:SEED]``, ``toolagent[:SEED]`` — block-id traces in
-  the public Mooncake format and seeded synthetic shapes (``synthetic.py``).
+  the public Mooncake format and seeded synthetic shapes (``synthetic.py``);
+  ``multitenant``, ``bestofn``, ``docchat``, ``compaction`` ``[:SEED]`` — seeded shapes
+  outside the evaluation suite, for checking a default on shapes it was not chosen on.
 
 Conversations become requests as the traces README describes: request k of a
 session has as prompt every message before the session's k-th assistant
@@ -71,9 +73,15 @@ SOURCE_DEFAULTS = {
     "mooncake": {"sessions": None, "max_tokens": None, "min_turns": 1, "max_turns": None},
     "longdoc": {**_PAPER, "max_tokens": None, "min_turns": 1, "max_turns": None},
     "toolagent": {**_PAPER, "max_tokens": None, "min_turns": 1, "max_turns": None},
+    # shapes outside the evaluation suite (synthetic.py: OUTSIDE_SHAPES), sized to 1-2k requests
+    "multitenant": {"sessions": 400, "max_tokens": None, "min_turns": 1, "max_turns": None},
+    "bestofn": {"sessions": 1500, "max_tokens": None, "min_turns": 1, "max_turns": None},
+    "docchat": {"sessions": 500, "max_tokens": None, "min_turns": 1, "max_turns": None},
+    "compaction": {"sessions": 200, "max_tokens": None, "min_turns": 1, "max_turns": None},
 }
+OUTSIDE_SOURCES = ("multitenant", "bestofn", "docchat", "compaction")
 #: sources read by synthetic.py (no tokenizer, no cache)
-UNCUT_SOURCES = ("mooncake", "longdoc", "toolagent")
+UNCUT_SOURCES = ("mooncake", "longdoc", "toolagent", *OUTSIDE_SOURCES)
 #: Options that cut the trace; 0 (or a negative min_turns) asks for no cut.
 CUT_OPTIONS = ("sessions", "max_turns", "max_tokens", "min_turns")
 
@@ -439,7 +447,7 @@ def traces_dir() -> Path:
 
 def parse_source(spec: str) -> tuple[str, Optional[str]]:
     """``--trace`` -> (kind, path or None)."""
-    for kind in ("sharegpt", "swe-agent", "gsm8k", "mooncake", "longdoc", "toolagent"):
+    for kind in ("sharegpt", "swe-agent", "gsm8k", "mooncake", "longdoc", "toolagent", *OUTSIDE_SOURCES):
         if spec == kind:
             return kind, None
         if spec.startswith(kind + ":"):
@@ -448,7 +456,8 @@ def parse_source(spec: str) -> tuple[str, Optional[str]]:
         return "jsonl", spec
     raise TraceError(
         f"--trace {spec!r}: expected a canonical trace PATH.jsonl, or sharegpt[:PATH], "
-        "swe-agent[:PATH.tgz], gsm8k[:DIR], mooncake:PATH.jsonl, longdoc[:SEED], toolagent[:SEED]"
+        "swe-agent[:PATH.tgz], gsm8k[:DIR], mooncake:PATH.jsonl, longdoc[:SEED], toolagent[:SEED], "
+        "multitenant[:SEED], bestofn[:SEED], docchat[:SEED], compaction[:SEED]"
     )
 
 

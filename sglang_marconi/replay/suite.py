@@ -79,6 +79,14 @@ SHAPES: dict[str, Shape] = {
     "toolagent": Shape("toolagent:0", {"max_tokens": None}, 60, 15,
                        "tool-using agent / RAG sessions (synthetic, seed 0)"),
 }
+#: shapes outside the suite (``--shapes outside``): never chosen on, a check of how a
+#: default generalizes (``synthetic.py``: OUTSIDE_SHAPES; every slice of them is unseen)
+OUTSIDE: dict[str, Shape] = {
+    "multitenant": Shape("multitenant:0", {}, 400, 100, "chat behind 40 tenants' system prompts (synthetic)"),
+    "bestofn": Shape("bestofn:0", {}, 1500, 375, "best-of-4 sampling of a few-shot prompt, then follow-ups (synthetic)"),
+    "docchat": Shape("docchat:0", {}, 500, 125, "multi-turn chat with a popular document (synthetic)"),
+    "compaction": Shape("compaction:0", {}, 200, 50, "an agent whose context is compacted every 8 turns (synthetic)"),
+}
 HALVES = ("choice", "heldout", "fresh")  # consecutive slices of each source's sessions
 PROFILES = ("paper-7b", "qwen3.5-9b")
 LAYOUTS = ("two", "one")
@@ -256,7 +264,8 @@ def run(args, console=None) -> dict:
     policies = _policies(args.policies, variants)
     if "infinite" in policies:
         raise ReplayError("--policies: infinite is the budget scale, not a policy to compare")
-    shapes = _split("--shapes", args.shapes, list(SHAPES))
+    raw_shapes = args.shapes.replace("outside", ",".join(OUTSIDE))
+    shapes = _split("--shapes", raw_shapes, [*SHAPES, *OUTSIDE])
     profiles = _split("--profiles", args.profiles)  # names or config.json paths, checked by resolve_profile
     layouts = _split("--layouts", args.layouts, LAYOUTS)
     fracs = _fracs(args.budgets)
@@ -275,7 +284,7 @@ def run(args, console=None) -> dict:
     with Progress(console=console, disable=args.no_progress, transient=True) as ui:
         task = ui.add_task("load traces", total=len(shapes))
         for name in shapes:
-            sh = SHAPES[name]
+            sh = SHAPES.get(name) or OUTSIDE[name]
             opt = sh.load_options(args.half, args.quick)
             tr = traces[name] = load_trace(sh.source, opt)
             # the infinite tree (KV tokens, states) does not depend on the profile: no eviction, oracle admission
@@ -339,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="two (SGLang's KV + state pools) and/or one (one byte budget); default two,one")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
                     help="fractions of the infinite tree's bytes (default 0.05,0.1,0.25)")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"default all: {','.join(SHAPES)}")
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help=f"default the suite's: {','.join(SHAPES)}; also {','.join(OUTSIDE)} "
+                         "(or 'outside' for those four: shapes no choice was made on)")
     ap.add_argument("--jobs", type=int, default=2, help="replays in parallel (forked processes; default 2)")
     ap.add_argument("--json", help="write every cell and the summary here")
     ap.add_argument("--quick", action="store_true", help="a smaller version of each half (smoke checks)")

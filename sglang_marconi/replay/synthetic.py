@@ -45,6 +45,10 @@ Shapes (defaults in :class:`LongDoc` and :class:`ToolAgent`):
   session starts (``rate`` sessions/s), exponential think gaps (mean
   ``gap_s``) between a completion and the next request.
 
+``multitenant``, ``bestofn``, ``docchat``, ``compaction`` — four shapes outside the
+  evaluation suite (``OUTSIDE_SHAPES``, below), never used for a policy choice: a
+  check of how a default generalizes.
+
 Sessions are generated one after another from per-session RNGs, so the first N
 sessions of a seed do not depend on how many are generated: ``--skip-sessions N
 --sessions N`` is the second half of the same trace.
@@ -280,6 +284,134 @@ def iter_toolagent(seed: int, shape: ToolAgent = ToolAgent(), *, tokens: Optiona
         t0 += starts.expovariate(shape.rate)
 
 
+# ------------------------------------------------------ shapes outside the suite
+#
+# Four more production shapes, never used for a policy choice (the suite's eight are):
+# a check of how a default generalizes. Each is an endless seeded stream of sessions
+# (per-session RNGs, as above); shared content is keyed block ids, so equal keys are
+# equal tokens and nothing else is shared.
+
+
+class _Segments:
+    """Prompt text as block-id tokens: the same ``(kind, key)`` gives the same tokens."""
+
+    def __init__(self, tokens: BlockTokens):
+        self.tokens = tokens
+        self.book = IdBook()
+
+    def __call__(self, kind: str, key, n: int) -> list[int]:
+        return self.tokens.prompt([self.book((kind, key, j)) for j in range(blocks_for(n))], n)
+
+
+def _chat_turns(rng, seg, stream: list, sid: str, t: float, turns: int, user: tuple, answer: tuple,
+                gap_s: float) -> list:
+    """Append ``turns`` (user message, answer) pairs to ``stream``: the requests' turns."""
+    out = []
+    for k in range(turns):
+        stream += seg("user", (sid, k), lognormal_int(rng, *user))
+        comp = completion_tokens(f"{sid}:{k}", lognormal_int(rng, *answer))
+        out.append((t, len(stream), len(comp)))
+        stream += comp
+        t += rng.expovariate(1.0 / gap_s)
+    return out
+
+
+def iter_multitenant(seed: int, *, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
+    """Chat behind 40 tenants' system prompts (300–6000 tokens, Zipf(1.1) popularity): 1–12
+    short turns per session (user median 80 tokens, answer median 250), think gaps of
+    20 s on average, 0.5 session starts/s."""
+    seg = _Segments(tokens or BlockTokens())
+    starts, tenants = random.Random(f"multitenant:{seed}:starts"), Zipf(40, 1.1)
+    t0 = 0.0
+    for i in itertools.count():
+        rng = random.Random(f"multitenant:{seed}:session:{i}")
+        k = tenants.draw(rng)
+        n = lognormal_int(random.Random(f"multitenant:{seed}:tenant:{k}"), 1500, 0.6, 300, 6000)
+        stream = seg("tenant", k, n)
+        sid = f"multitenant-{i}"
+        turns = _chat_turns(rng, seg, stream, sid, t0, 1 + min(11, int(rng.expovariate(1 / 3))),
+                            (80, 0.8, 5, 1500), (250, 0.7, 10, 1500), 20.0)
+        yield SynthSession(sid, stream, turns, {"tenant": k, "shared_tokens": n})
+        t0 += starts.expovariate(0.5)
+
+
+def iter_bestofn(seed: int, *, n: int = 4, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
+    """Best-of-n sampling: a few-shot prompt (one of 3 templates of 800–3000 tokens, then a
+    unique question) sent ``n`` times at once (each sample a one-request session with its
+    own completion, median 400 tokens), then 0–2 follow-up turns on one of the samples
+    (its own session). One group per second; a group's sessions are consecutive."""
+    seg = _Segments(tokens or BlockTokens())
+    starts = random.Random(f"bestofn:{seed}:starts")
+    t0 = 0.0
+    for i in itertools.count():
+        rng = random.Random(f"bestofn:{seed}:group:{i}")
+        k = rng.randrange(3)
+        prompt = seg("template", k, lognormal_int(random.Random(f"bestofn:{seed}:template:{k}"), 1500, 0.3, 800, 3000))
+        prompt += seg("question", i, lognormal_int(rng, 200, 0.5, 50, 600))
+        samples = [completion_tokens(f"bestofn:{seed}:{i}:{j}", lognormal_int(rng, 400, 0.5, 100, 1500))
+                   for j in range(n)]
+        for j, comp in enumerate(samples):
+            yield SynthSession(f"bestofn-{i}.{j}", prompt + comp, [(t0, len(prompt), len(comp))], {"group": i})
+        follow = rng.randrange(3)
+        if follow:
+            stream = prompt + samples[rng.randrange(n)]
+            sid = f"bestofn-{i}.f"
+            turns = _chat_turns(rng, seg, stream, sid, t0 + 5 + rng.expovariate(0.1), follow,
+                                (100, 0.6, 10, 800), (300, 0.6, 50, 1200), 15.0)
+            yield SynthSession(sid, stream, turns, {"group": i})
+        t0 += starts.expovariate(1.0)
+
+
+def iter_docchat(seed: int, *, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
+    """Chat with a document: a shared 400-token system prompt, one of 200 documents
+    (Zipf(1.0) popularity, median 6000 tokens, 500–40000), then 1–7 questions (median 60
+    tokens) and answers (median 200); gaps of 30 s on average, 0.5 session starts/s."""
+    seg = _Segments(tokens or BlockTokens())
+    starts, docs = random.Random(f"docchat:{seed}:starts"), Zipf(200, 1.0)
+    t0 = 0.0
+    for i in itertools.count():
+        rng = random.Random(f"docchat:{seed}:session:{i}")
+        d = docs.draw(rng)
+        stream = seg("system", 0, 400) + seg("doc", d, lognormal_int(random.Random(f"docchat:{seed}:doc:{d}"),
+                                                                     6000, 0.8, 500, 40000))
+        sid, shared = f"docchat-{i}", len(stream)
+        turns = _chat_turns(rng, seg, stream, sid, t0, rng.randrange(1, 8), (60, 0.7, 5, 400), (200, 0.6, 20, 800), 30.0)
+        yield SynthSession(sid, stream, turns, {"doc": d, "shared_tokens": shared})
+        t0 += starts.expovariate(0.5)
+
+
+def iter_compaction(seed: int, *, every: int = 8, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
+    """An agent that compacts its context: a shared 2000-token system prompt, a task, then
+    append-only turns (tool call median 80 tokens, output median 600, 50–4000); every
+    ``every`` turns the history is replaced by a new 800-token summary followed by the last
+    turn, which starts a new session (``-c1``, ``-c2``, ...). 10–39 turns per agent, think
+    gaps of 7 s on average, one agent start per 8 s."""
+    seg = _Segments(tokens or BlockTokens())
+    starts = random.Random(f"compaction:{seed}:starts")
+    t0 = 0.0
+    for i in itertools.count():
+        rng = random.Random(f"compaction:{seed}:session:{i}")
+        head = seg("system", 0, 2000) + seg("task", i, lognormal_int(rng, 500, 0.5, 100, 2000))
+        stream, turns, last, t, part = list(head), [], [], t0, 0
+        for k in range(rng.randrange(10, 40)):
+            if k and k % every == 0:  # compaction: a new context, a new session
+                yield SynthSession(f"compaction-{i}-c{part}", stream[: turns[-1][1] + turns[-1][2]], turns)
+                part += 1
+                stream, turns = head + seg("summary", (i, part), 800) + last, []
+            comp = completion_tokens(f"compaction:{seed}:{i}:{k}", lognormal_int(rng, 80, 0.6, 10, 600))
+            turns.append((t, len(stream), len(comp)))
+            obs = seg("output", (i, k), lognormal_int(rng, 600, 0.9, 50, 4000))
+            last = comp + obs
+            stream += last
+            t += rng.expovariate(1 / 7)
+        yield SynthSession(f"compaction-{i}-c{part}", stream[: turns[-1][1] + turns[-1][2]], turns)
+        t0 += starts.expovariate(1 / 8)
+
+
+OUTSIDE_SHAPES = {"multitenant": iter_multitenant, "bestofn": iter_bestofn, "docchat": iter_docchat,
+                  "compaction": iter_compaction}
+
+
 # -------------------------------------------------------------------- mooncake
 
 
@@ -349,7 +481,7 @@ def mooncake_session(session_id: str, rec: dict, tokens: BlockTokens) -> SynthSe
 
 #: the replay's sources served here (``--trace SPEC``); their halves: ``--sessions N`` is
 #: sessions 1..N, ``--skip-sessions N --sessions N`` sessions N+1..2N of the same trace
-SOURCES = ("mooncake", "longdoc", "toolagent")
+SOURCES = ("mooncake", "longdoc", "toolagent", *OUTSIDE_SHAPES)
 
 
 def source_seed(kind: str, arg: Optional[str], default: int) -> int:
@@ -385,10 +517,14 @@ def load_synthetic(kind: str, arg: Optional[str], opt, cuts) -> tuple[str, list,
         name, meta = f"longdoc:{seed}", {"format": "mooncake", "seed": seed}
         shape = LongDoc(rate=opt.sps)
         sessions = (mooncake_session(f"longdoc-{i}", r, tokens) for i, r in enumerate(iter_longdoc(seed, shape)))
-    else:
+    elif kind == "toolagent":
         seed = source_seed(kind, arg, opt.seed)
         name, meta = f"toolagent:{seed}", {"format": "pre-tokenized", "seed": seed}
         sessions = iter_toolagent(seed, ToolAgent(rate=opt.sps), tokens=tokens)
+    else:  # a shape outside the suite (its own arrival rates)
+        seed = source_seed(kind, arg, opt.seed)
+        name, meta = f"{kind}:{seed}", {"format": "pre-tokenized", "seed": seed}
+        sessions = OUTSIDE_SHAPES[kind](seed, tokens=tokens)
     requests: list = []
     cut = 0
     kept_turns: dict = {}
@@ -451,11 +587,11 @@ def canonical_rows(sessions: Iterable[SynthSession]) -> list[dict]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sglang_marconi.replay.synthetic",
                                  description="Write a seeded synthetic trace: longdoc in the public Mooncake format, "
-                                             "toolagent in the canonical pre-tokenized format.")
-    ap.add_argument("shape", choices=("longdoc", "toolagent"))
+                                             "the others in the canonical pre-tokenized format.")
+    ap.add_argument("shape", choices=("longdoc", "toolagent", *OUTSIDE_SHAPES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--requests", type=int, help="longdoc: requests (default 1000)")
-    ap.add_argument("--sessions", type=int, help="toolagent: sessions (default 100)")
+    ap.add_argument("--sessions", type=int, help="the other shapes: sessions (default 100)")
     ap.add_argument("--out", required=True, help="output JSONL")
     args = ap.parse_args(argv)
     if args.shape == "longdoc":
@@ -465,9 +601,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows: Iterable[dict] = longdoc_records(args.seed, n)
     else:
         if args.requests is not None:
-            ap.error("toolagent takes --sessions, not --requests")
+            ap.error(f"{args.shape} takes --sessions, not --requests")
         n = args.sessions if args.sessions is not None else 100
-        rows = canonical_rows(itertools.islice(iter_toolagent(args.seed), n))
+        make = iter_toolagent if args.shape == "toolagent" else OUTSIDE_SHAPES[args.shape]
+        rows = canonical_rows(itertools.islice(make(args.seed), n))
     if n < 1:
         ap.error(f"the count must be >= 1, got {n}")
     lines = write_jsonl(args.out, rows)
