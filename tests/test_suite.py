@@ -71,3 +71,15 @@ def test_bad_options_one_line_error(argv, problem, capsys):
     assert suite.main(["--half", "choice", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert problem in err and err.count("\n") == 1
+
+
+def test_outside_names_the_four_shapes_no_choice_was_made_on(monkeypatch):
+    for name, sh in list(suite.OUTSIDE.items()):  # tiny: 4 sessions of each
+        monkeypatch.setitem(suite.OUTSIDE, name, suite.Shape(sh.source, sh.options, 4, 2, sh.about))
+    args = suite.build_parser().parse_args(["--half", "fresh", "--shapes", "outside", "--profiles", "paper-7b",
+                                            "--layouts", "one", "--budgets", "0.25", "--policies", "lru",
+                                            "--jobs", "1", "--no-progress", "--quick"])
+    doc = suite.run(args)
+    assert list(doc["shapes"]) == ["multitenant", "bestofn", "docchat", "compaction"]
+    assert all(s["sessions"] == [9, 10] and s["source"].endswith(":0") for s in doc["shapes"].values())
+    assert not set(suite.OUTSIDE) & set(suite.SHAPES)
