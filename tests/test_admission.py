@@ -357,3 +357,13 @@ def test_counters_match_admitted_checkpoints(make_marconi):
     # nothing was evicted with these pool sizes
     assert c.state_evictions == 0 and c.leaf_evictions == 0
     assert len(state_positions(built)) == want[BP] + want[LT]
+
+
+@pytest.mark.parametrize("input_len,hit,expected", [
+    (1700, 0, 1536), (1535, 0, 1024), (1536, 0, 1536), (12000, 0, 8192), (12288, 0, 12288),
+    (3, 0, 3), (7, 0, 6), (1700, 1536, None), (1700, 1535, 1536),
+])
+def test_anchor_position_with_two_significant_bits(input_len, hit, expected):
+    """The ``anchor-2bits`` experiment: the largest 2^k or 3 * 2^(k-1) within the input."""
+    assert anchor_position(input_len, hit, 1, bits=2) == expected
+    assert anchor_position(input_len, hit, 1, bits=1) == anchor_position(input_len, hit, 1)

@@ -69,13 +69,16 @@ def branch_point(
     return pos if pos > state_hit_len else None
 
 
-def anchor_position(input_len: int, hit_len: int, grid: int = 1) -> Optional[int]:
+def anchor_position(input_len: int, hit_len: int, grid: int = 1, bits: int = 1) -> Optional[int]:
     """The anchor state's position: the largest power of two ``p <= input_len``,
     when ``p > hit_len`` (a state past what the request reuses) and ``p`` lies on
-    the checkpoint ``grid`` (SGLang's extra_buffer grid); else None."""
+    the checkpoint ``grid`` (SGLang's extra_buffer grid); else None. ``bits``
+    (experiment ``anchor_bits``): the largest number of at most that many
+    significant bits instead (2: powers of two and 1.5 times them)."""
     if input_len < 1:
         return None
-    p = 1 << (input_len.bit_length() - 1)
+    shift = max(0, input_len.bit_length() - bits)
+    p = (input_len >> shift) << shift
     return p if p > hit_len and p % grid == 0 else None
 
 
@@ -129,8 +132,10 @@ class MarconiAdmission(Admission):
 
     name = "marconi"
 
-    def __init__(self, mode: str = "exact", grid: int = 1, input_state: bool = False, anchor: bool = False):
+    def __init__(self, mode: str = "exact", grid: int = 1, input_state: bool = False, anchor: bool = False,
+                 anchor_bits: int = 1):
         self.mode, self.grid, self.input_state, self.anchor = mode, grid, input_state, anchor
+        self.anchor_bits = anchor_bits
 
     def plan(self, input_len, committed, hit, full_kv_hit):
         plan = plan_request(input_len, committed, hit, branch_point(full_kv_hit, hit, mode=self.mode, grid=self.grid))
@@ -138,7 +143,7 @@ class MarconiAdmission(Admission):
         if self.input_state and admits_input_end(input_len, committed, hit, branch_planned):
             plan.insert(0, Checkpoint(input_len, AdmissionReason.INPUT_END))
         elif self.anchor and not branch_planned:
-            p = anchor_position(input_len, hit, self.grid if self.mode == "grid" else 1)
+            p = anchor_position(input_len, hit, self.grid if self.mode == "grid" else 1, self.anchor_bits)
             if p is not None and p < committed:  # at `committed` it is the last-token state
                 plan.insert(0, Checkpoint(p, AdmissionReason.ANCHOR))
         return plan

@@ -69,7 +69,7 @@ _BOOLS = ("retune", "warm_start", "confirm", "tombstones_first", "density_reuse"
           "tombstones_spare_branches", "superseded_first", "superseded_needs_state",
           "ended_first", "ended_in_density", "value_frequency", "anchor_state", "anchor_prior", "internal_prior")
 #: Keys that take an integer (with its minimum).
-_INTS = {"window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
+_INTS = {"anchor_bits": 1, "window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "end_tail_tokens": 1}
 #: Keys that take null or a number (with its minimum).
 _OPTIONAL_NUMBERS = {"alpha_max": 0.0, "efficiency_horizon": 1e-9, "single_budget_gb": 1e-9}
@@ -177,6 +177,9 @@ class MarconiConfig:
     #: ``anchor_position``): the first reuse of a shared prefix then hits. On
     #: by default; off in ``lru`` (the paper's SGLang+) and ``variant: "paper"``.
     anchor_state: bool = True
+    #: the anchor at the largest number of at most this many significant bits within
+    #: the input (1: a power of two). Experiment (``marconi:anchor-2bits``).
+    anchor_bits: int = 1
     #: ``value``: an anchor state not hit yet counts, while internal, the share of
     #: anchors hit so far (Laplace-smoothed) as its frequency, instead of the 0 of an
     #: internal state nobody resumed from. On by default.

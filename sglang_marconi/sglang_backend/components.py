@@ -75,7 +75,7 @@ class MarconiMambaComponent(MambaComponent):
             req.marconi_anchor = None
             if result.mamba_branching_seqlen is None:
                 grid = self.mamba_checkpoint_grid if st.config.branch_points == "grid" else 1
-                req.marconi_anchor = anchor_position(len(req.origin_input_ids), boundary, grid)
+                req.marconi_anchor = anchor_position(len(req.origin_input_ids), boundary, grid, st.config.anchor_bits)
                 result = result._replace(mamba_branching_seqlen=req.marconi_anchor)
         return result
 

@@ -111,7 +111,7 @@ class CacheDriver:
                 cfg = self.marconi.config
                 grid = self.cache.components[_mamba_ct()].mamba_checkpoint_grid
                 admission = MarconiAdmission(cfg.branch_points, grid, input_state=cfg.input_state_on(byte_budget is not None),
-                                             anchor=cfg.anchor_state)
+                                             anchor=cfg.anchor_state, anchor_bits=cfg.anchor_bits)
             else:
                 admission = SGLangGridAdmission(self.cache.components[_mamba_ct()].mamba_checkpoint_grid)
         self.admission = admission
