@@ -336,3 +336,11 @@ def test_outside_shape_errors_and_writer(tmp_path):
     b = load_trace("bestofn:2", LoadOptions(sessions=9))
     key = lambda t: sorted((r.session_id, r.turn, r.prompt_ids, r.completion_ids) for r in t.requests)  # noqa: E731
     assert key(a) == key(b)
+
+
+def test_sps_multiplies_an_outside_shapes_arrival_rate():
+    one = load_trace("docchat:1", LoadOptions(sessions=20))
+    two = load_trace("docchat:1", LoadOptions(sessions=20, sps=2.0))
+    starts = lambda t: sorted({r.session_id: r.arrival_s for r in t.requests if r.turn == 0}.values())  # noqa: E731
+    assert starts(two)[-1] == pytest.approx(starts(one)[-1] / 2)
+    assert sorted(r.prompt_ids for r in one.requests) == sorted(r.prompt_ids for r in two.requests)

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from .synthetic import OUTSIDE_SHAPES
 from .tokenizer import DEFAULT_TOKENIZER, get_tokenizer
 
 LOADER_VERSION = 1
@@ -79,7 +80,7 @@ SOURCE_DEFAULTS = {
     "docchat": {"sessions": 500, "max_tokens": None, "min_turns": 1, "max_turns": None},
     "compaction": {"sessions": 200, "max_tokens": None, "min_turns": 1, "max_turns": None},
 }
-OUTSIDE_SOURCES = ("multitenant", "bestofn", "docchat", "compaction")
+OUTSIDE_SOURCES = tuple(OUTSIDE_SHAPES)
 #: sources read by synthetic.py (no tokenizer, no cache)
 UNCUT_SOURCES = ("mooncake", "longdoc", "toolagent", *OUTSIDE_SOURCES)
 #: Options that cut the trace; 0 (or a negative min_turns) asks for no cut.

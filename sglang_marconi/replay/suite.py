@@ -11,7 +11,9 @@ budget, policy) replay runs in-process (``runner.replay_one``) in ``--jobs`` for
 workers. Policy choices are made on the ``choice`` half of every shape and reported on
 the ``heldout`` half: the two halves are disjoint sessions of the same source (table
 below). ``fresh`` is a third slice of the same size after them, for a last check of a
-default on sessions neither its choice nor its reports have seen. ``sglang`` has no single byte budget: it is skipped under ``--layouts one``.
+default on sessions neither its choice nor its reports have seen. ``sglang`` has no
+single byte budget: it is skipped under ``--layouts one``. ``--shapes outside`` runs four
+more shapes no choice was made on (``OUTSIDE``).
 
 The table prints per cell the token hit rate of every policy and each policy ÷ ``lru``
 (and ÷ ``sglang`` with two pools), then per policy: the geometric mean ÷ ``lru`` over
@@ -264,8 +266,8 @@ def run(args, console=None) -> dict:
     policies = _policies(args.policies, variants)
     if "infinite" in policies:
         raise ReplayError("--policies: infinite is the budget scale, not a policy to compare")
-    raw_shapes = args.shapes.replace("outside", ",".join(OUTSIDE))
-    shapes = _split("--shapes", raw_shapes, [*SHAPES, *OUTSIDE])
+    shapes = _split("--shapes", args.shapes, [*SHAPES, *OUTSIDE, "outside"])
+    shapes = list(dict.fromkeys(x for s in shapes for x in (OUTSIDE if s == "outside" else [s])))
     profiles = _split("--profiles", args.profiles)  # names or config.json paths, checked by resolve_profile
     layouts = _split("--layouts", args.layouts, LAYOUTS)
     fracs = _fracs(args.budgets)

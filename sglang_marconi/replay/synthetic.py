@@ -289,7 +289,8 @@ def iter_toolagent(seed: int, shape: ToolAgent = ToolAgent(), *, tokens: Optiona
 # Four more production shapes, never used for a policy choice (the suite's eight are):
 # a check of how a default generalizes. Each is an endless seeded stream of sessions
 # (per-session RNGs, as above); shared content is keyed block ids, so equal keys are
-# equal tokens and nothing else is shared.
+# equal tokens and nothing else is shared. ``rate`` (``--sps``) multiplies the arrival
+# rate each docstring states.
 
 
 class _Segments:
@@ -316,7 +317,7 @@ def _chat_turns(rng, seg, stream: list, sid: str, t: float, turns: int, user: tu
     return out
 
 
-def iter_multitenant(seed: int, *, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
+def iter_multitenant(seed: int, *, rate: float = 1.0, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
     """Chat behind 40 tenants' system prompts (300–6000 tokens, Zipf(1.1) popularity): 1–12
     short turns per session (user median 80 tokens, answer median 250), think gaps of
     20 s on average, 0.5 session starts/s."""
@@ -332,10 +333,11 @@ def iter_multitenant(seed: int, *, tokens: Optional[BlockTokens] = None) -> Iter
         turns = _chat_turns(rng, seg, stream, sid, t0, 1 + min(11, int(rng.expovariate(1 / 3))),
                             (80, 0.8, 5, 1500), (250, 0.7, 10, 1500), 20.0)
         yield SynthSession(sid, stream, turns, {"tenant": k, "shared_tokens": n})
-        t0 += starts.expovariate(0.5)
+        t0 += starts.expovariate(0.5 * rate)
 
 
-def iter_bestofn(seed: int, *, n: int = 4, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
+def iter_bestofn(seed: int, *, n: int = 4, rate: float = 1.0, tokens: Optional[BlockTokens] = None
+                 ) -> Iterator[SynthSession]:
     """Best-of-n sampling: a few-shot prompt (one of 3 templates of 800–3000 tokens, then a
     unique question) sent ``n`` times at once (each sample a one-request session with its
     own completion, median 400 tokens), then 0–2 follow-up turns on one of the samples
@@ -359,10 +361,10 @@ def iter_bestofn(seed: int, *, n: int = 4, tokens: Optional[BlockTokens] = None)
             turns = _chat_turns(rng, seg, stream, sid, t0 + 5 + rng.expovariate(0.1), follow,
                                 (100, 0.6, 10, 800), (300, 0.6, 50, 1200), 15.0)
             yield SynthSession(sid, stream, turns, {"group": i})
-        t0 += starts.expovariate(1.0)
+        t0 += starts.expovariate(1.0 * rate)
 
 
-def iter_docchat(seed: int, *, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
+def iter_docchat(seed: int, *, rate: float = 1.0, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
     """Chat with a document: a shared 400-token system prompt, one of 200 documents
     (Zipf(1.0) popularity, median 6000 tokens, 500–40000), then 1–7 questions (median 60
     tokens) and answers (median 200); gaps of 30 s on average, 0.5 session starts/s."""
@@ -377,10 +379,11 @@ def iter_docchat(seed: int, *, tokens: Optional[BlockTokens] = None) -> Iterator
         sid, shared = f"docchat-{i}", len(stream)
         turns = _chat_turns(rng, seg, stream, sid, t0, rng.randrange(1, 8), (60, 0.7, 5, 400), (200, 0.6, 20, 800), 30.0)
         yield SynthSession(sid, stream, turns, {"doc": d, "shared_tokens": shared})
-        t0 += starts.expovariate(0.5)
+        t0 += starts.expovariate(0.5 * rate)
 
 
-def iter_compaction(seed: int, *, every: int = 8, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
+def iter_compaction(seed: int, *, every: int = 8, rate: float = 1.0, tokens: Optional[BlockTokens] = None
+                    ) -> Iterator[SynthSession]:
     """An agent that compacts its context: a shared 2000-token system prompt, a task, then
     append-only turns (tool call median 80 tokens, output median 600, 50–4000); every
     ``every`` turns the history is replaced by a new 800-token summary followed by the last
@@ -405,7 +408,7 @@ def iter_compaction(seed: int, *, every: int = 8, tokens: Optional[BlockTokens] 
             stream += last
             t += rng.expovariate(1 / 7)
         yield SynthSession(f"compaction-{i}-c{part}", stream[: turns[-1][1] + turns[-1][2]], turns)
-        t0 += starts.expovariate(1 / 8)
+        t0 += starts.expovariate(rate / 8)
 
 
 OUTSIDE_SHAPES = {"multitenant": iter_multitenant, "bestofn": iter_bestofn, "docchat": iter_docchat,
@@ -521,10 +524,10 @@ def load_synthetic(kind: str, arg: Optional[str], opt, cuts) -> tuple[str, list,
         seed = source_seed(kind, arg, opt.seed)
         name, meta = f"toolagent:{seed}", {"format": "pre-tokenized", "seed": seed}
         sessions = iter_toolagent(seed, ToolAgent(rate=opt.sps), tokens=tokens)
-    else:  # a shape outside the suite (its own arrival rates)
+    else:  # a shape outside the suite: --sps multiplies its arrival rate
         seed = source_seed(kind, arg, opt.seed)
         name, meta = f"{kind}:{seed}", {"format": "pre-tokenized", "seed": seed}
-        sessions = OUTSIDE_SHAPES[kind](seed, tokens=tokens)
+        sessions = OUTSIDE_SHAPES[kind](seed, rate=opt.sps, tokens=tokens)
     requests: list = []
     cut = 0
     kept_turns: dict = {}
