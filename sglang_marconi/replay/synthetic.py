@@ -304,6 +304,15 @@ class _Segments:
         return self.tokens.prompt([self.book((kind, key, j)) for j in range(blocks_for(n))], n)
 
 
+def _starts(kind: str, seed: int, per_s: float, unit: str = "session") -> Iterator[tuple]:
+    """``(i, the i-th unit's RNG, its start time)``: Poisson starts at ``per_s``/s."""
+    starts = random.Random(f"{kind}:{seed}:starts")
+    t0 = 0.0
+    for i in itertools.count():
+        yield i, random.Random(f"{kind}:{seed}:{unit}:{i}"), t0
+        t0 += starts.expovariate(per_s)
+
+
 def _chat_turns(rng, seg, stream: list, sid: str, t: float, turns: int, user: tuple, answer: tuple,
                 gap_s: float) -> list:
     """Append ``turns`` (user message, answer) pairs to ``stream``: the requests' turns."""
@@ -321,11 +330,8 @@ def iter_multitenant(seed: int, *, rate: float = 1.0, tokens: Optional[BlockToke
     """Chat behind 40 tenants' system prompts (300–6000 tokens, Zipf(1.1) popularity): 1–12
     short turns per session (user median 80 tokens, answer median 250), think gaps of
     20 s on average, 0.5 session starts/s."""
-    seg = _Segments(tokens or BlockTokens())
-    starts, tenants = random.Random(f"multitenant:{seed}:starts"), Zipf(40, 1.1)
-    t0 = 0.0
-    for i in itertools.count():
-        rng = random.Random(f"multitenant:{seed}:session:{i}")
+    seg, tenants = _Segments(tokens or BlockTokens()), Zipf(40, 1.1)
+    for i, rng, t0 in _starts("multitenant", seed, 0.5 * rate):
         k = tenants.draw(rng)
         n = lognormal_int(random.Random(f"multitenant:{seed}:tenant:{k}"), 1500, 0.6, 300, 6000)
         stream = seg("tenant", k, n)
@@ -333,7 +339,6 @@ def iter_multitenant(seed: int, *, rate: float = 1.0, tokens: Optional[BlockToke
         turns = _chat_turns(rng, seg, stream, sid, t0, 1 + min(11, int(rng.expovariate(1 / 3))),
                             (80, 0.8, 5, 1500), (250, 0.7, 10, 1500), 20.0)
         yield SynthSession(sid, stream, turns, {"tenant": k, "shared_tokens": n})
-        t0 += starts.expovariate(0.5 * rate)
 
 
 def iter_bestofn(seed: int, *, n: int = 4, rate: float = 1.0, tokens: Optional[BlockTokens] = None
@@ -343,10 +348,7 @@ def iter_bestofn(seed: int, *, n: int = 4, rate: float = 1.0, tokens: Optional[B
     own completion, median 400 tokens), then 0–2 follow-up turns on one of the samples
     (its own session). One group per second; a group's sessions are consecutive."""
     seg = _Segments(tokens or BlockTokens())
-    starts = random.Random(f"bestofn:{seed}:starts")
-    t0 = 0.0
-    for i in itertools.count():
-        rng = random.Random(f"bestofn:{seed}:group:{i}")
+    for i, rng, t0 in _starts("bestofn", seed, rate, "group"):
         k = rng.randrange(3)
         prompt = seg("template", k, lognormal_int(random.Random(f"bestofn:{seed}:template:{k}"), 1500, 0.3, 800, 3000))
         prompt += seg("question", i, lognormal_int(rng, 200, 0.5, 50, 600))
@@ -361,25 +363,20 @@ def iter_bestofn(seed: int, *, n: int = 4, rate: float = 1.0, tokens: Optional[B
             turns = _chat_turns(rng, seg, stream, sid, t0 + 5 + rng.expovariate(0.1), follow,
                                 (100, 0.6, 10, 800), (300, 0.6, 50, 1200), 15.0)
             yield SynthSession(sid, stream, turns, {"group": i})
-        t0 += starts.expovariate(1.0 * rate)
 
 
 def iter_docchat(seed: int, *, rate: float = 1.0, tokens: Optional[BlockTokens] = None) -> Iterator[SynthSession]:
     """Chat with a document: a shared 400-token system prompt, one of 200 documents
     (Zipf(1.0) popularity, median 6000 tokens, 500–40000), then 1–7 questions (median 60
     tokens) and answers (median 200); gaps of 30 s on average, 0.5 session starts/s."""
-    seg = _Segments(tokens or BlockTokens())
-    starts, docs = random.Random(f"docchat:{seed}:starts"), Zipf(200, 1.0)
-    t0 = 0.0
-    for i in itertools.count():
-        rng = random.Random(f"docchat:{seed}:session:{i}")
+    seg, docs = _Segments(tokens or BlockTokens()), Zipf(200, 1.0)
+    for i, rng, t0 in _starts("docchat", seed, 0.5 * rate):
         d = docs.draw(rng)
         stream = seg("system", 0, 400) + seg("doc", d, lognormal_int(random.Random(f"docchat:{seed}:doc:{d}"),
                                                                      6000, 0.8, 500, 40000))
         sid, shared = f"docchat-{i}", len(stream)
         turns = _chat_turns(rng, seg, stream, sid, t0, rng.randrange(1, 8), (60, 0.7, 5, 400), (200, 0.6, 20, 800), 30.0)
         yield SynthSession(sid, stream, turns, {"doc": d, "shared_tokens": shared})
-        t0 += starts.expovariate(0.5 * rate)
 
 
 def iter_compaction(seed: int, *, every: int = 8, rate: float = 1.0, tokens: Optional[BlockTokens] = None
@@ -390,10 +387,7 @@ def iter_compaction(seed: int, *, every: int = 8, rate: float = 1.0, tokens: Opt
     turn, which starts a new session (``-c1``, ``-c2``, ...). 10–39 turns per agent, think
     gaps of 7 s on average, one agent start per 8 s."""
     seg = _Segments(tokens or BlockTokens())
-    starts = random.Random(f"compaction:{seed}:starts")
-    t0 = 0.0
-    for i in itertools.count():
-        rng = random.Random(f"compaction:{seed}:session:{i}")
+    for i, rng, t0 in _starts("compaction", seed, rate / 8):
         head = seg("system", 0, 2000) + seg("task", i, lognormal_int(rng, 500, 0.5, 100, 2000))
         stream, turns, last, t, part = list(head), [], [], t0, 0
         for k in range(rng.randrange(10, 40)):
@@ -408,7 +402,6 @@ def iter_compaction(seed: int, *, every: int = 8, rate: float = 1.0, tokens: Opt
             stream += last
             t += rng.expovariate(1 / 7)
         yield SynthSession(f"compaction-{i}-c{part}", stream[: turns[-1][1] + turns[-1][2]], turns)
-        t0 += starts.expovariate(rate / 8)
 
 
 OUTSIDE_SHAPES = {"multitenant": iter_multitenant, "bestofn": iter_bestofn, "docchat": iter_docchat,
