@@ -36,7 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
-from .loaders import LoadOptions, TraceError, load_trace
+from .loaders import SOURCE_DEFAULTS, LoadOptions, TraceError, load_trace
 from .policies import PolicyError, PolicyOptions
 from .runner import ReplayError, _config_overrides, _policies, _variants, infinite_tree, replay_one, resolve_budgets
 
@@ -83,11 +83,15 @@ SHAPES: dict[str, Shape] = {
 }
 #: shapes outside the suite (``--shapes outside``): never chosen on, a check of how a
 #: default generalizes (``synthetic.py``: OUTSIDE_SHAPES; every slice of them is unseen)
+#: sized as the replay loads them (loaders.SOURCE_DEFAULTS); --quick: a quarter
 OUTSIDE: dict[str, Shape] = {
-    "multitenant": Shape("multitenant:0", {}, 400, 100, "chat behind 40 tenants' system prompts (synthetic)"),
-    "bestofn": Shape("bestofn:0", {}, 1500, 375, "best-of-4 sampling of a few-shot prompt, then follow-ups (synthetic)"),
-    "docchat": Shape("docchat:0", {}, 500, 125, "multi-turn chat with a popular document (synthetic)"),
-    "compaction": Shape("compaction:0", {}, 200, 50, "an agent whose context is compacted every 8 turns (synthetic)"),
+    name: Shape(f"{name}:0", {}, SOURCE_DEFAULTS[name]["sessions"], SOURCE_DEFAULTS[name]["sessions"] // 4, about)
+    for name, about in (
+        ("multitenant", "chat behind 40 tenants' system prompts (synthetic)"),
+        ("bestofn", "best-of-4 sampling of a few-shot prompt, then follow-ups (synthetic)"),
+        ("docchat", "multi-turn chat with a popular document (synthetic)"),
+        ("compaction", "an agent whose context is compacted every 8 turns (synthetic)"),
+    )
 }
 HALVES = ("choice", "heldout", "fresh")  # consecutive slices of each source's sessions
 PROFILES = ("paper-7b", "qwen3.5-9b")

@@ -237,21 +237,33 @@ class SynthSession:
     meta: dict = dataclasses.field(default_factory=dict)  #: how it was drawn (toolagent: toolset, system_tokens)
 
 
+class _Segments:
+    """Prompt text as block-id tokens: the same ``(kind, key)`` gives the same tokens."""
+
+    def __init__(self, tokens: BlockTokens):
+        self.tokens = tokens
+        self.book = IdBook()
+
+    def __call__(self, kind: str, key, n: int) -> list[int]:
+        return self.tokens.prompt([self.book((kind, key, j)) for j in range(blocks_for(n))], n)
+
+
+def _starts(kind: str, seed: int, per_s: float, unit: str = "session") -> Iterator[tuple]:
+    """``(i, the i-th unit's RNG, its start time)``: Poisson starts at ``per_s``/s."""
+    starts = random.Random(f"{kind}:{seed}:starts")
+    t0 = 0.0
+    for i in itertools.count():
+        yield i, random.Random(f"{kind}:{seed}:{unit}:{i}"), t0
+        t0 += starts.expovariate(per_s)
+
+
 def iter_toolagent(seed: int, shape: ToolAgent = ToolAgent(), *, tokens: Optional[BlockTokens] = None
                    ) -> Iterator[SynthSession]:
-    tokens = tokens or BlockTokens()
-    starts = random.Random(f"toolagent:{seed}:starts")
+    segment = _Segments(tokens or BlockTokens())
     toolsets = Zipf(shape.toolsets, shape.toolset_zipf)
     corpus = Zipf(shape.corpus, shape.corpus_zipf)
-    book = IdBook()
     p_end = 1.0 / shape.mean_turns
-    t0 = 0.0
-
-    def segment(kind, key, n: int) -> list[int]:
-        return tokens.prompt([book((kind, key, j)) for j in range(blocks_for(n))], n)
-
-    for i in itertools.count():
-        rng = random.Random(f"toolagent:{seed}:session:{i}")
+    for i, rng, t0 in _starts("toolagent", seed, shape.rate):
         ts = toolsets.draw(rng)
         sys_tokens = random.Random(f"toolagent:{seed}:toolset:{ts}").randint(*shape.system_tokens)
         stream = segment("preamble", 0, BLOCK_TOKENS) + segment("toolset", ts, sys_tokens - BLOCK_TOKENS)
@@ -281,7 +293,6 @@ def iter_toolagent(seed: int, shape: ToolAgent = ToolAgent(), *, tokens: Optiona
         if turns:
             del stream[turns[-1][1] + turns[-1][2]:]  # the tool output after the last request is never sent
             yield SynthSession(f"toolagent-{i}", stream, turns, {"toolset": ts, "system_tokens": sys_tokens})
-        t0 += starts.expovariate(shape.rate)
 
 
 # ------------------------------------------------------ shapes outside the suite
@@ -291,26 +302,6 @@ def iter_toolagent(seed: int, shape: ToolAgent = ToolAgent(), *, tokens: Optiona
 # (per-session RNGs, as above); shared content is keyed block ids, so equal keys are
 # equal tokens and nothing else is shared. ``rate`` (``--sps``) multiplies the arrival
 # rate each docstring states.
-
-
-class _Segments:
-    """Prompt text as block-id tokens: the same ``(kind, key)`` gives the same tokens."""
-
-    def __init__(self, tokens: BlockTokens):
-        self.tokens = tokens
-        self.book = IdBook()
-
-    def __call__(self, kind: str, key, n: int) -> list[int]:
-        return self.tokens.prompt([self.book((kind, key, j)) for j in range(blocks_for(n))], n)
-
-
-def _starts(kind: str, seed: int, per_s: float, unit: str = "session") -> Iterator[tuple]:
-    """``(i, the i-th unit's RNG, its start time)``: Poisson starts at ``per_s``/s."""
-    starts = random.Random(f"{kind}:{seed}:starts")
-    t0 = 0.0
-    for i in itertools.count():
-        yield i, random.Random(f"{kind}:{seed}:{unit}:{i}"), t0
-        t0 += starts.expovariate(per_s)
 
 
 def _chat_turns(rng, seg, stream: list, sid: str, t: float, turns: int, user: tuple, answer: tuple,

@@ -26,9 +26,9 @@ VARIANTS: dict[str, dict] = {
     "recency": {"utility_form": "sum", "alpha": 0.0, "input_state": "auto", "anchor_state": False},
     "value-input-end": {"input_state": "auto"},  # the default + the input-end state with two pools
     "no-anchor": {"anchor_state": False},  # the default without the anchor state
-    "no-anchor-prior": {"anchor_prior": False},
+    "no-anchor-prior": {"anchor_prior": False},  # an anchor not hit yet counts 0 evidence (the previous default)
     "anchor-2bits": {"anchor_bits": 2},  # the anchor at 2^k or 1.5 * 2^k: nearer the input's end
-    "internal-prior": {"internal_prior": True},  # every unproven internal state counts its class's share hit  # an anchor not hit yet counts 0 evidence (the previous default)
+    "internal-prior": {"internal_prior": True},  # every unproven internal state counts its class's share hit
     # the value rule's parts, one at a time
     "value-kv": {"value_kv_pool": "value"},  # the two pools' KV pool by value per byte too
     "value-own-bytes": {"value_bytes": "own"},  # bytes freed: the node's own KV only

@@ -137,7 +137,8 @@ class MarconiState:
         self.root = None  # set by the cache once its tree exists
         self.requests_finished = 0
         self.anchors_admitted = self.anchors_hit = 0  # anchor states, and those hit at least once
-        self.internal_hit = self.internal_lost = 0  # unproven internal states: hit while internal, evicted unhit
+        #: ``internal_prior``: unproven internal states hit while internal, and evicted unhit
+        self.internal_hit = self.internal_lost = 0
         #: α fixed at 0 with the sum or product form: the utility is normalized
         #: recency alone, so candidates skip the cost terms (FLOPs, bytes, replay
         #: distance), which the order never reads.
@@ -210,7 +211,7 @@ class MarconiState:
             f = getattr(node, "marconi_ihits", 0) + (1 if getattr(node, "marconi_branch", False) else 0)
             if f == 0 and self.config.anchor_prior and getattr(node, "marconi_anchor", False):
                 return (self.anchors_hit + 1) / (self.anchors_admitted + 2)
-            if f == 0 and self.config.internal_prior and not getattr(node, "marconi_anchor", False):
+            if self.config.internal_prior and self._unproven_internal(node):
                 return (self.internal_hit + 1) / (self.internal_hit + self.internal_lost + 2)
             return f
         return 1 + getattr(node, "marconi_hits", 0) - getattr(node, "marconi_ihits", 0)
@@ -223,7 +224,7 @@ class MarconiState:
         if getattr(node, "marconi_anchor", False) and not getattr(node, "marconi_hits", 0):
             self.anchors_hit += 1
         node.marconi_hits = getattr(node, "marconi_hits", 0) + 1
-        if node.children and self._unproven_internal(node):
+        if self.config.internal_prior and node.children and self._unproven_internal(node):
             self.internal_hit += 1
         if node.children:
             node.marconi_ihits = getattr(node, "marconi_ihits", 0) + 1
@@ -637,13 +638,14 @@ class MarconiState:
             self.tuner.on_eviction()
 
     def _unproven_internal(self, node) -> bool:
+        """No evidence of its own: never resumed from while internal, not a branch point, not an anchor."""
         return not (getattr(node, "marconi_ihits", 0) or getattr(node, "marconi_branch", False)
                     or getattr(node, "marconi_anchor", False))
 
     def state_evicted(self, node) -> None:
         """``node``'s SSM state is about to be freed (tombstoned or with its leaf)."""
         self.counters.state_evictions += 1
-        if node.children and self._unproven_internal(node):
+        if self.config.internal_prior and node.children and self._unproven_internal(node):
             self.internal_lost += 1
         if self.hit_density is not None:
             # the age the eviction queue scored it at (it scores at clock + 1)
