@@ -66,6 +66,7 @@ def test_heldout_and_fresh_are_the_next_sessions(half, first):
     (["--budgets", "0.1,x"], "--budgets '0.1,x': expected comma-separated fractions"),
     (["--policies", "lru,infinite"], "infinite is the budget scale"),
     (["--layouts", "three"], "--layouts: unknown 'three'"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
 ])
 def test_bad_options_one_line_error(argv, problem, capsys):
     assert suite.main(["--half", "choice", "--no-progress", *argv]) == 2
@@ -83,3 +84,27 @@ def test_outside_names_the_four_shapes_no_choice_was_made_on(monkeypatch):
     assert list(doc["shapes"]) == ["multitenant", "bestofn", "docchat", "compaction"]
     assert all(s["sessions"] == [9, 10] and s["source"].endswith(":0") for s in doc["shapes"].values())
     assert not set(suite.OUTSIDE) & set(suite.SHAPES)
+
+
+def test_seed_redraws_only_the_swe_agent_turn_gaps():
+    """``--seed`` is another draw of the SWE-agent shapes' Poisson arrivals over the same
+    requests; a seeded synthetic shape keeps its trace (its seed is in its source)."""
+    from sglang_marconi.replay.loaders import load_trace, traces_dir
+
+    def toolagent_doc(seed):
+        args = suite.build_parser().parse_args(["--half", "choice", "--shapes", "toolagent", "--profiles", "paper-7b",
+                                                "--layouts", "two", "--budgets", "0.25", "--policies", "lru",
+                                                "--jobs", "1", "--no-progress", "--quick", "--seed", str(seed)])
+        return suite.run(args)
+
+    a, b = toolagent_doc(0), toolagent_doc(3)
+    assert (a["seed"], b["seed"]) == (0, 3)
+    assert a["shapes"]["toolagent"]["trace_summary"] == b["shapes"]["toolagent"]["trace_summary"]
+    assert a["cells"][0]["runs"]["lru"]["hit_tokens"] == b["cells"][0]["runs"]["lru"]["hit_tokens"]
+    if not (traces_dir() / "swe-agent" / "trajs.tgz").exists():
+        pytest.skip("SWE-agent trajectories not present")
+    sh = suite.Shape("swe-agent", {"max_turns": 4}, 3, 2, "tiny")
+    t0, t5 = (load_trace(sh.source, sh.load_options("choice", True, seed)) for seed in (0, 5))
+    by_turn = lambda t: sorted(t.requests, key=lambda r: (r.session_id, r.turn))  # noqa: E731 - arrival order differs
+    assert [r.prompt_ids for r in by_turn(t0)] == [r.prompt_ids for r in by_turn(t5)]
+    assert [r.arrival_s for r in by_turn(t0)] != [r.arrival_s for r in by_turn(t5)]

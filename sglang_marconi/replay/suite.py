@@ -56,12 +56,14 @@ class Shape:
     quick: int
     about: str
 
-    def load_options(self, half: str, quick: bool) -> LoadOptions:
+    def load_options(self, half: str, quick: bool, seed: int = 0) -> LoadOptions:
+        """``seed``: the loader's ``--seed``, which only the SWE-agent shapes' Poisson turn
+        gaps read (the seeded synthetic shapes name their own seed in ``source``)."""
         opts = dict(self.options)
         if opts.get("system_prompt", "").startswith("@"):
             opts["system_prompt"] = (REPO / opts["system_prompt"][1:]).read_text(encoding="utf-8")
         return LoadOptions(sessions=self.quick if quick else self.sessions,
-                           skip_sessions=self.sessions * HALVES.index(half), **opts)
+                           skip_sessions=self.sessions * HALVES.index(half), seed=seed, **opts)
 
 
 #: name -> shape. Sizes: one half of the full suite (lru, sglang, marconi; both profiles,
@@ -202,7 +204,8 @@ def print_report(console, doc: dict) -> None:
 
     policies = doc["policies"]
     others = [p for p in policies if p != "lru"]
-    t = Table(title=f"token hit rate, {doc['half']} half" + (" (quick)" if doc["quick"] else ""))
+    t = Table(title=f"token hit rate, {doc['half']} half" + (" (quick)" if doc["quick"] else "")
+                    + (f", --seed {doc['seed']}" if doc.get("seed") else ""))
     for col in ("shape", "profile", "layout", "budget"):
         t.add_column(col)
     for p in policies:
@@ -277,6 +280,8 @@ def run(args, console=None) -> dict:
     fracs = _fracs(args.budgets)
     if args.jobs < 1:
         raise ReplayError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.seed < 0:
+        raise ReplayError(f"--seed must be >= 0, got {args.seed}")
     marconi_cfg = _config_overrides("--marconi-config", args.marconi_config) if args.marconi_config else None
     prof = {}
     for name in profiles:
@@ -291,7 +296,7 @@ def run(args, console=None) -> dict:
         task = ui.add_task("load traces", total=len(shapes))
         for name in shapes:
             sh = SHAPES.get(name) or OUTSIDE[name]
-            opt = sh.load_options(args.half, args.quick)
+            opt = sh.load_options(args.half, args.quick, args.seed)
             tr = traces[name] = load_trace(sh.source, opt)
             # the infinite tree (KV tokens, states) does not depend on the profile: no eviction, oracle admission
             inf_run = replay_one(tr, "infinite", prof[profiles[0]], None, popts=popts)
@@ -329,7 +334,7 @@ def run(args, console=None) -> dict:
         c["runs"] = {p: c["runs"][p] for p in policies if p in c["runs"]}
         c["ratios"] = cell_ratios(c["runs"])
     return {
-        "half": args.half, "quick": args.quick, "policies": policies, "profiles": profiles, "layouts": layouts,
+        "half": args.half, "quick": args.quick, "seed": args.seed, "policies": policies, "profiles": profiles, "layouts": layouts,
         "budgets": fracs, "marconi_config": marconi_cfg, "variants": dict(variants), "shapes": shape_docs,
         "cells": cell_list, "summary": summarize(cell_list, policies, cpu), "replays": len(jobs),
         "replay_cpu_s": round(sum(s for _, s in cpu.values()), 1),
@@ -357,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shapes", default=",".join(SHAPES),
                     help=f"default the suite's: {','.join(SHAPES)}; also {','.join(OUTSIDE)} "
                          "(or 'outside' for those four: shapes no choice was made on)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the SWE-agent shapes' Poisson turn gaps (default 0): another draw of their "
+                         "arrival times, same sessions; the other shapes do not change")
     ap.add_argument("--jobs", type=int, default=2, help="replays in parallel (forked processes; default 2)")
     ap.add_argument("--json", help="write every cell and the summary here")
     ap.add_argument("--quick", action="store_true", help="a smaller version of each half (smoke checks)")
