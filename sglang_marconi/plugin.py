@@ -77,6 +77,25 @@ def cut_prefill_at_branch_point(admission, adder, req, *args, **kwargs):
     return _PrefillAdmission(start, cut, 0, True, admission.replay_len)
 
 
+def cut_chunk_at_prompt_end(adder, req, *args, **kwargs):
+    """End a request's continuing prefill chunk one token before its input's end, when it
+    decodes nothing (SGLang's warm-up before ``n > 1`` samples, a frontend ``fork``'s
+    commit): the Marconi component keeps its last state there, where a request with the
+    same prompt resumes. BEFORE hook on ``PrefillAdder.add_chunked_req``: the first cut
+    (:func:`cut_prefill_at_branch_point`) went to its branch point or anchor; this one
+    shortens the chunk budget so that the continuation stops at ``marconi_prompt_end``.
+    Nothing else joins the batch, as with the first cut."""
+    if getattr(adder.tree_cache, "marconi", None) is None or adder.rem_chunk_tokens is None:
+        return None
+    end = getattr(req, "marconi_prompt_end", None)
+    if end is None or getattr(req, "marconi_prompt_end_admitted", False):
+        return None
+    start = req.prefix_len
+    if start < end < len(req.full_untruncated_fill_ids):
+        adder.rem_chunk_tokens = min(adder.rem_chunk_tokens, end - start)
+    return None
+
+
 IDLE_POOLS_ENV = "MARCONI_LOG_IDLE_POOLS"
 _last_idle_pools = [None]
 
@@ -116,6 +135,11 @@ def register() -> None:
             "sglang.srt.managers.schedule_policy.PrefillAdder._select_prefill_admission",
             cut_prefill_at_branch_point,
             HookType.AFTER,
+        )
+        HookRegistry.register(
+            "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req",
+            cut_chunk_at_prompt_end,
+            HookType.BEFORE,
         )
         HookRegistry.register(request_checks.TARGET, request_checks.check_input_ids, HookType.BEFORE)
         if os.environ.get(IDLE_POOLS_ENV, "0") == "1":

@@ -222,6 +222,7 @@ def test_every_request_admits_at_most_two_states_at_documented_positions(make_ma
     rng = random.Random(7)
     prefixes = [toks(10000 * (i + 1), rng.randint(5, 60)) for i in range(4)]
     history = []
+    prefill_only = 0
     mfree0 = built.mamba_allocator.available_size()
     for i in range(200):
         choice = rng.random()
@@ -239,13 +240,21 @@ def test_every_request_admits_at_most_two_states_at_documented_positions(make_ma
         r = drv.run(inp, out)
         committed = len(inp) + max(len(out) - 1, 0)
         assert len(r.checkpoints) <= 2
-        assert r.checkpoints[-1][:2] == (committed, LT)
         p = anchor_position(len(inp), r.hit_len) if anchor else None
+        if not out:  # it decodes nothing: its last state where the same prompt resumes, past the hit
+            committed = len(inp) - 1
+            prefill_only += 1
+            if committed <= r.hit_len:
+                assert r.checkpoints == []
+                history.append((inp, out))
+                continue
         if len(r.checkpoints) == 2:
+            assert r.checkpoints[-1][:2] == (committed, LT)
             pos, why, _ = r.checkpoints[0]
             assert why == BP or (why == AN and pos == p)
             assert r.hit_len < pos <= len(inp) and pos < committed
         else:  # no branch point, so no anchor either: none past the hit, or it is the last token's
+            assert r.checkpoints[-1][:2] == (committed, LT)
             assert p is None or p >= committed
         assert 0 <= r.hit_len <= len(inp) - 1
         # admitted flags agree with the tree: new states == admitted count
@@ -254,6 +263,7 @@ def test_every_request_admits_at_most_two_states_at_documented_positions(make_ma
         for pos, _, _ in r.checkpoints:
             assert pos in states_after
         history.append((inp, out))
+    assert prefill_only > 10
     # every state slot is either free or held by the tree
     assert built.mamba_allocator.available_size() + len(state_positions(built)) == mfree0
 
@@ -367,3 +377,47 @@ def test_anchor_position_with_two_significant_bits(input_len, hit, expected):
     """The ``anchor-2bits`` experiment: the largest 2^k or 3 * 2^(k-1) within the input."""
     assert anchor_position(input_len, hit, 1, bits=2) == expected
     assert anchor_position(input_len, hit, 1, bits=1) == anchor_position(input_len, hit, 1)
+
+
+def test_a_request_that_decodes_nothing_keeps_one_state_where_its_samples_resume(make_marconi):
+    """SGLang's ``n > 1``: the prompt is first prefilled alone (no output), then the samples
+    are sent. That first request keeps its last state at input - 1 instead of at its end
+    (its branch point or anchor as any request's); each sample (which matches at most
+    input - 1 tokens) resumes there. Grid mode keeps the plan of any request."""
+    from sglang_marconi.policy.admission import Checkpoint, MarconiAdmission, prompt_end_position
+
+    A, B, L = AdmissionReason.ANCHOR, AdmissionReason.BRANCH_POINT, AdmissionReason.LAST_TOKEN
+    adm = MarconiAdmission(anchor=True)
+    assert adm.plan(150, 150, 0, 0, prefill_only=True) == [Checkpoint(128, A), Checkpoint(149, L)]
+    assert adm.plan(150, 150, 0, 140, prefill_only=True) == [Checkpoint(140, B), Checkpoint(149, L)]
+    # a branch point at its last state's position is that state (the anchor takes the other slot)
+    assert adm.plan(150, 150, 0, 149, prefill_only=True) == [Checkpoint(128, A), Checkpoint(149, L)]
+    assert adm.plan(129, 129, 0, 0, prefill_only=True) == [Checkpoint(128, L)]  # the anchor is its end
+    assert adm.plan(150, 150, 149, 149, prefill_only=True) == []  # already there
+    assert prompt_end_position(1, 0) is None and prompt_end_position(2, 0) == 1
+    assert MarconiAdmission("grid", 64, anchor=True).plan(150, 150, 0, 0, prefill_only=True) == \
+        MarconiAdmission("grid", 64, anchor=True).plan(150, 150, 0, 0)
+
+    built, drv = make_marconi(anchor_state=True)
+    prompt = toks(100, 150)
+    warm = drv.run(prompt, [])
+    assert [c[:2] for c in warm.checkpoints] == [(128, A), (149, L)]
+    assert state_positions(built) == [128, 149]
+    samples = [drv.run(prompt, toks(1000 + 10 * j, 6)) for j in range(3)]
+    assert [s.hit_len for s in samples] == [149, 149, 149]
+    # its state counts the fork it announces, as a branch point's: once the first sample has
+    # continued past it (a hit as a leaf, which the continuation serves), the evidence is the
+    # two hits it got while internal + 1, not the 2 of an internal state nobody announced
+    st = built.cache.marconi
+    node = next(n for n in walk(built.cache.tree_core.root_node) if st.node_end(n) == 149)
+    assert node.children and node.marconi_branch and st.frequency(node) == 2 + 1
+    # the experiment without the rule (marconi:no-prompt-end): the state at its end, as any request's
+    assert MarconiAdmission(anchor=True, prompt_end=False).plan(150, 150, 0, 0, prefill_only=True) == \
+        MarconiAdmission(anchor=True).plan(150, 150, 0, 0) == [Checkpoint(128, A), Checkpoint(150, L)]
+    built3, drv3 = make_marconi(anchor_state=True, prompt_end_state=False)
+    assert [c[:2] for c in drv3.run(prompt, []).checkpoints] == [(128, A), (150, L)]
+    assert drv3.run(prompt, toks(1000, 6)).hit_len == 128
+    # without the warm-up, the first sample resumes at the anchor (128) and creates the branch point
+    built2, drv2 = make_marconi(anchor_state=True)
+    drv2.run(prompt, toks(1000, 6))
+    assert drv2.run(prompt, toks(1010, 6)).hit_len == 128

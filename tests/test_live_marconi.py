@@ -246,6 +246,24 @@ def test_examples_run_and_report_cached_tokens(servers, runs, script, args, expe
         assert int(m.group(1)) > 0, r.stdout
 
 
+def test_parallel_samples_resume_one_token_before_the_prompt_end(servers):
+    """``n > 1``: SGLang first prefills the prompt alone (a request that decodes nothing),
+    then sends the samples. That request keeps one state, one token before its input's
+    end, so every sample resumes there (without it, the first sample would resume at the
+    anchor, the largest power of two within the prompt). Greedy samples equal the
+    reference's."""
+    ids = [(i * 37 + 11) % 500 + 5 for i in range(150)]  # a prompt no other test sends
+    got = launch.generate(servers["marconi"], ids, max_new_tokens=NEW, n=3)
+    ref = launch.generate(servers["disabled"], ids, max_new_tokens=NEW, n=3)
+    assert [s["output_ids"] for s in got] == [s["output_ids"] for s in ref]
+    assert [s["meta_info"]["cached_tokens"] for s in got] == [len(ids) - 1] * 3
+    # the next turn, on one sample's reply, resumes from that sample's own last state
+    nxt = ids + got[0]["output_ids"] + [7, 8, 9]
+    a = launch.generate(servers["marconi"], nxt, max_new_tokens=NEW)
+    assert a["output_ids"] == launch.generate(servers["disabled"], nxt, max_new_tokens=NEW)["output_ids"]
+    assert a["meta_info"]["cached_tokens"] == len(ids) + NEW - 1
+
+
 def test_malformed_requests_get_errors_and_server_keeps_serving(servers, tok):
     srv = servers["marconi"]
     good = tok("user: a good request after bad ones")["input_ids"]

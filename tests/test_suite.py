@@ -81,7 +81,7 @@ def test_outside_names_the_four_shapes_no_choice_was_made_on(monkeypatch):
                                             "--layouts", "one", "--budgets", "0.25", "--policies", "lru",
                                             "--jobs", "1", "--no-progress", "--quick"])
     doc = suite.run(args)
-    assert list(doc["shapes"]) == ["multitenant", "bestofn", "docchat", "compaction"]
+    assert list(doc["shapes"]) == ["multitenant", "bestofn", "docchat", "compaction"] == list(suite.UNSEEN)
     assert all(s["sessions"] == [9, 10] and s["source"].endswith(":0") for s in doc["shapes"].values())
     assert not set(suite.OUTSIDE) & set(suite.SHAPES)
 

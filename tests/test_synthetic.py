@@ -307,6 +307,22 @@ def test_bestofn_groups_send_one_prompt_n_times_then_follow_one_sample():
             assert f.turns[0][0] > samples[0].turns[0][0]
 
 
+def test_nsampling_is_bestofn_with_the_prompt_prefilled_alone_first():
+    """SGLang's ``n`` > 1: before the samples, the prompt alone, decoding nothing."""
+    plain = list(itertools.islice(syn.iter_bestofn(0), 40))
+    warm = list(itertools.islice(syn.OUTSIDE_SHAPES["nsampling"](0), 50))
+    firsts = [s for s in warm if s.session_id.endswith(".w")]
+    assert firsts and [s for s in warm if not s.session_id.endswith(".w")][:40] == plain
+    for w in firsts:
+        sample = next(s for s in warm if s.session_id == w.session_id[:-2] + ".0")
+        t, p, c = sample.turns[0]
+        assert w.turns == [(t, p, 0)] and w.stream == sample.stream[:p]
+        assert warm.index(w) == warm.index(sample) - 1  # sent first
+    tr = load_trace("nsampling:0", LoadOptions(sessions=10))
+    warmups = [r for r in tr.requests if r.session_id.endswith(".w")]
+    assert warmups and all(len(r.completion_ids) == 0 for r in warmups)
+
+
 def test_compaction_restarts_from_the_system_prompt_task_and_a_summary():
     parts = list(itertools.islice(syn.iter_compaction(0), 12))
     by_agent: dict = {}

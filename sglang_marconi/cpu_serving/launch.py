@@ -176,13 +176,14 @@ def start_server(
     raise TimeoutError(f"server not ready after {ready_timeout:.0f}s; log tail:\n{srv.log_tail()}")
 
 
-def generate(srv: Server, input_ids: List[int], max_new_tokens: int = 10, timeout: float = 120.0) -> Dict:
-    status, body = _http(
-        "POST", srv.url + "/generate",
-        {"input_ids": input_ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
-                                                     "ignore_eos": True}},
-        timeout=timeout,
-    )
+def generate(srv: Server, input_ids: List[int], max_new_tokens: int = 10, timeout: float = 120.0, n: int = 1):
+    """Greedy ``/generate``: its JSON body, or with ``n`` > 1 (SGLang's parallel sampling)
+    the list of the ``n`` samples' bodies."""
+    params = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+    if n != 1:
+        params["n"] = n
+    status, body = _http("POST", srv.url + "/generate", {"input_ids": input_ids, "sampling_params": params},
+                         timeout=timeout)
     if status != 200:
         raise RuntimeError(f"/generate returned {status}: {body}")
     return body

@@ -14,6 +14,9 @@ check on) and a reference with ``--disable-radix-cache``. For ``--duration``,
   system prompts, the server's replies fed back (streamed or not);
 * ``branch`` — an earlier turn of the session edited, the session continues
   from there;
+* ``samples`` — the next turn sent with ``n`` = 3 (SGLang prefills the prompt
+  alone first, a request that decodes nothing, then the samples); the session
+  continues from the first sample;
 * ``hangup`` — a streamed turn whose client closes the connection after the
   first chunk; ``timeout`` — a client time-out (50 ms) on a long reply;
 * ``abort`` — a streamed turn cancelled with ``/abort_request`` by its rid;
@@ -62,7 +65,9 @@ from . import launch
 VOCAB = 512  # the tiny model's
 NEW = 8  # tokens per reply
 MAX_HISTORY = 400  # a session starts over beyond this many tokens (the pressure context is 800)
-ACTIONS = {"turn": 60, "branch": 12, "hangup": 5, "timeout": 4, "abort": 5, "flush": 2, "malformed": 12}
+ACTIONS = {"turn": 60, "branch": 12, "samples": 6, "hangup": 5, "timeout": 4, "abort": 5, "flush": 2,
+           "malformed": 12}
+SAMPLES = 3  # n of a ``samples`` request
 REQUEST_TIMEOUT = 180.0
 SERVER_ENV = {
     "MARCONI_LOG_IDLE_POOLS": "1",  # the plugin logs SGLang's idle pool check when it changes
@@ -194,6 +199,26 @@ class Client:
             self.new_session()
             return
         self.history = ids + out
+
+    def samples(self) -> None:
+        if len(self.history) > MAX_HISTORY:
+            self.new_session()
+        self.turn_starts.append(len(self.history))
+        ids = self.history + self.user_text()
+        payload = self.payload(ids)
+        payload["sampling_params"]["n"] = SAMPLES
+        r = self.http.post(self.url + "/generate", json=payload, timeout=REQUEST_TIMEOUT)
+        self.check_status(r, "samples")
+        outs = [s["output_ids"] for s in r.json()] if r.status_code == 200 else []
+        for out in outs:
+            if len(out) == NEW:
+                self.tally.add("completed", (list(ids), list(out)))
+        if len(outs) != SAMPLES:
+            if r.status_code == 200:
+                self.tally.add("server_errors", f"samples: {len(outs)} samples for n={SAMPLES}")
+            self.new_session()
+            return
+        self.history = ids + outs[0]
 
     def branch(self) -> None:
         if len(self.turn_starts) < 2:

@@ -114,8 +114,21 @@ class Admission:
     #: Hit reported for a request: the usable state hit, or (oracle) the KV match.
     oracle = False
 
-    def plan(self, input_len: int, committed: int, hit: int, full_kv_hit: int) -> list[Checkpoint]:
+    def plan(self, input_len: int, committed: int, hit: int, full_kv_hit: int,
+             prefill_only: bool = False) -> list[Checkpoint]:
+        """``prefill_only``: the request decodes nothing (``max_new_tokens`` 0: SGLang's
+        warm-up before ``n > 1`` samples, a frontend ``fork``'s commit)."""
         raise NotImplementedError
+
+
+def prompt_end_position(input_len: int, hit_len: int) -> Optional[int]:
+    """Where a request that decodes nothing keeps its last state: one token before the end
+    of its input, where a request with the same prompt resumes (a request matches at most
+    all but its last token, which it recomputes) and one token short of where a longer
+    prompt would; the state at its end serves neither. None when its hit already reaches
+    there. The replay's plan and the live component both ask this."""
+    p = input_len - 1
+    return p if p > hit_len else None
 
 
 def admits_input_end(input_len: int, committed: int, hit: int, branch_planned: bool) -> bool:
@@ -128,16 +141,23 @@ def admits_input_end(input_len: int, committed: int, hit: int, branch_planned: b
 
 
 class MarconiAdmission(Admission):
-    """Speculative insertion: the branch point (exact or on a grid) + the last decoded token."""
+    """Speculative insertion: the branch point (exact or on a grid) or the anchor + the last
+    decoded token; for a request that decodes nothing (exact mode), the last state is at
+    :func:`prompt_end_position` instead of its end."""
 
     name = "marconi"
 
     def __init__(self, mode: str = "exact", grid: int = 1, input_state: bool = False, anchor: bool = False,
-                 anchor_bits: int = 1):
+                 anchor_bits: int = 1, prompt_end: bool = True):
         self.mode, self.grid, self.input_state, self.anchor = mode, grid, input_state, anchor
-        self.anchor_bits = anchor_bits
+        self.anchor_bits, self.prompt_end = anchor_bits, prompt_end
 
-    def plan(self, input_len, committed, hit, full_kv_hit):
+    def plan(self, input_len, committed, hit, full_kv_hit, prefill_only=False):
+        if prefill_only and self.prompt_end and self.mode == "exact":
+            # its last state one token before its input's end (the branch point or anchor as for any request)
+            committed = prompt_end_position(input_len, hit)
+            if committed is None:
+                return []
         plan = plan_request(input_len, committed, hit, branch_point(full_kv_hit, hit, mode=self.mode, grid=self.grid))
         branch_planned = any(c.reason is AdmissionReason.BRANCH_POINT for c in plan)
         if self.input_state and admits_input_end(input_len, committed, hit, branch_planned):
@@ -167,7 +187,7 @@ class SGLangGridAdmission(Admission):
             raise ValueError(f"checkpoint grid must be >= 1, got {grid}")
         self.grid = grid
 
-    def plan(self, input_len, committed, hit, full_kv_hit):
+    def plan(self, input_len, committed, hit, full_kv_hit, prefill_only=False):
         g = self.grid
         out: list[Checkpoint] = []
         branch = branch_point(full_kv_hit, hit, mode="grid", grid=g)
@@ -192,7 +212,7 @@ class BlockAdmission(Admission):
             raise ValueError(f"block size must be >= 1, got {block}")
         self.block = block
 
-    def plan(self, input_len, committed, hit, full_kv_hit):
+    def plan(self, input_len, committed, hit, full_kv_hit, prefill_only=False):
         b = self.block
         first = (hit // b + 1) * b
         return [Checkpoint(p, AdmissionReason.GRID) for p in range(first, committed + 1, b)]
@@ -204,5 +224,5 @@ class OracleAdmission(Admission):
     name = "infinite"
     oracle = True
 
-    def plan(self, input_len, committed, hit, full_kv_hit):
+    def plan(self, input_len, committed, hit, full_kv_hit, prefill_only=False):
         return [Checkpoint(committed, AdmissionReason.LAST_TOKEN)] if committed > 0 else []

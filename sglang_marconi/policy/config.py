@@ -67,7 +67,8 @@ _CHOICES = {
 }
 _BOOLS = ("retune", "warm_start", "confirm", "tombstones_first", "density_reuse",
           "tombstones_spare_branches", "superseded_first", "superseded_needs_state",
-          "ended_first", "ended_in_density", "value_frequency", "anchor_state", "anchor_prior", "internal_prior")
+          "ended_first", "ended_in_density", "value_frequency", "anchor_state", "anchor_prior", "internal_prior",
+          "prompt_end_state")
 #: Keys that take an integer (with its minimum).
 _INTS = {"anchor_bits": 1, "window_multiplier": 1, "tuner_max_requests": 1, "warmup_windows": 1, "score_windows": 1, "density_period": 1,
          "end_tail_tokens": 1}
@@ -177,6 +178,12 @@ class MarconiConfig:
     #: ``anchor_position``): the first reuse of a shared prefix then hits. On
     #: by default; off in ``lru`` (the paper's SGLang+) and ``variant: "paper"``.
     anchor_state: bool = True
+    #: A request that decodes nothing (``max_new_tokens`` 0: SGLang's warm-up before
+    #: ``n`` > 1 samples, a frontend ``fork``'s commit) keeps its last state one token
+    #: before its input's end, where a request with the same prompt resumes, instead of
+    #: at its end (admission.py's ``prompt_end_position``). On by default; off only in
+    #: the experiment ``marconi:no-prompt-end``.
+    prompt_end_state: bool = True
     #: the anchor at the largest number of at most this many significant bits within
     #: the input (1: a power of two). Experiment (``marconi:anchor-2bits``).
     anchor_bits: int = 1

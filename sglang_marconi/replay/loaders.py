@@ -15,7 +15,7 @@ Sources (``--trace``):
   shared exemplar prefix, one request per test problem.
 * ``mooncake:PATH``, ``longdoc[:SEED]``, ``toolagent[:SEED]`` — block-id traces in
   the public Mooncake format and seeded synthetic shapes (``synthetic.py``);
-  ``multitenant``, ``bestofn``, ``docchat``, ``compaction`` ``[:SEED]`` — seeded shapes
+  ``multitenant``, ``bestofn``, ``docchat``, ``compaction``, ``nsampling`` ``[:SEED]`` — seeded shapes
   outside the evaluation suite, for checking a default on shapes it was not chosen on.
 
 Conversations become requests as the traces README describes: request k of a
@@ -79,6 +79,7 @@ SOURCE_DEFAULTS = {
     "bestofn": {"sessions": 1500, "max_tokens": None, "min_turns": 1, "max_turns": None},
     "docchat": {"sessions": 500, "max_tokens": None, "min_turns": 1, "max_turns": None},
     "compaction": {"sessions": 200, "max_tokens": None, "min_turns": 1, "max_turns": None},
+    "nsampling": {"sessions": 1500, "max_tokens": None, "min_turns": 1, "max_turns": None},
 }
 OUTSIDE_SOURCES = tuple(OUTSIDE_SHAPES)
 #: sources read by synthetic.py (no tokenizer, no cache)
@@ -458,7 +459,7 @@ def parse_source(spec: str) -> tuple[str, Optional[str]]:
     raise TraceError(
         f"--trace {spec!r}: expected a canonical trace PATH.jsonl, or sharegpt[:PATH], "
         "swe-agent[:PATH.tgz], gsm8k[:DIR], mooncake:PATH.jsonl, longdoc[:SEED], toolagent[:SEED], "
-        "multitenant[:SEED], bestofn[:SEED], docchat[:SEED], compaction[:SEED]"
+        "multitenant[:SEED], bestofn[:SEED], docchat[:SEED], compaction[:SEED], nsampling[:SEED]"
     )
 
 

@@ -13,7 +13,8 @@ the ``heldout`` half: the two halves are disjoint sessions of the same source (t
 below). ``fresh`` is a third slice of the same size after them, for a last check of a
 default on sessions neither its choice nor its reports have seen. ``sglang`` has no
 single byte budget: it is skipped under ``--layouts one``. ``--shapes outside`` runs four
-more shapes no choice was made on (``OUTSIDE``).
+more shapes no choice was made on (``UNSEEN``); ``--shapes nsampling`` one of them as SGLang
+serves ``n`` > 1 (``OUTSIDE``).
 
 The table prints per cell the token hit rate of every policy and each policy ÷ ``lru``
 (and ÷ ``sglang`` with two pools), then per policy: the geometric mean ÷ ``lru`` over
@@ -93,8 +94,12 @@ OUTSIDE: dict[str, Shape] = {
         ("bestofn", "best-of-4 sampling of a few-shot prompt, then follow-ups (synthetic)"),
         ("docchat", "multi-turn chat with a popular document (synthetic)"),
         ("compaction", "an agent whose context is compacted every 8 turns (synthetic)"),
+        ("nsampling", "bestofn as SGLang serves n = 4: the prompt prefilled alone first (synthetic)"),
     )
 }
+#: what ``--shapes outside`` runs: the shapes outside the suite that no choice was made on
+#: (``nsampling`` came with the rule for requests that decode nothing, which it checks)
+UNSEEN = ("multitenant", "bestofn", "docchat", "compaction")
 HALVES = ("choice", "heldout", "fresh")  # consecutive slices of each source's sessions
 PROFILES = ("paper-7b", "qwen3.5-9b")
 LAYOUTS = ("two", "one")
@@ -274,7 +279,7 @@ def run(args, console=None) -> dict:
     if "infinite" in policies:
         raise ReplayError("--policies: infinite is the budget scale, not a policy to compare")
     shapes = _split("--shapes", args.shapes, [*SHAPES, *OUTSIDE, "outside"])
-    shapes = list(dict.fromkeys(x for s in shapes for x in (OUTSIDE if s == "outside" else [s])))
+    shapes = list(dict.fromkeys(x for s in shapes for x in (UNSEEN if s == "outside" else [s])))
     profiles = _split("--profiles", args.profiles)  # names or config.json paths, checked by resolve_profile
     layouts = _split("--layouts", args.layouts, LAYOUTS)
     fracs = _fracs(args.budgets)
@@ -361,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fractions of the infinite tree's bytes (default 0.05,0.1,0.25)")
     ap.add_argument("--shapes", default=",".join(SHAPES),
                     help=f"default the suite's: {','.join(SHAPES)}; also {','.join(OUTSIDE)} "
-                         "(or 'outside' for those four: shapes no choice was made on)")
+                         "(or 'outside' for the first four: shapes no choice was made on)")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the SWE-agent shapes' Poisson turn gaps (default 0): another draw of their "
                          "arrival times, same sessions; the other shapes do not change")

@@ -47,7 +47,9 @@ Shapes (defaults in :class:`LongDoc` and :class:`ToolAgent`):
 
 ``multitenant``, ``bestofn``, ``docchat``, ``compaction`` — four shapes outside the
   evaluation suite (``OUTSIDE_SHAPES``, below), never used for a policy choice: a
-  check of how a default generalizes.
+  check of how a default generalizes. ``nsampling`` — ``bestofn`` as SGLang serves
+  one request with ``n`` = 4 (the prompt prefilled alone first, decoding nothing);
+  added with the admission rule for such requests, which it checks.
 
 Sessions are generated one after another from per-session RNGs, so the first N
 sessions of a seed do not depend on how many are generated: ``--skip-sessions N
@@ -64,6 +66,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -332,12 +335,14 @@ def iter_multitenant(seed: int, *, rate: float = 1.0, tokens: Optional[BlockToke
         yield SynthSession(sid, stream, turns, {"tenant": k, "shared_tokens": n})
 
 
-def iter_bestofn(seed: int, *, n: int = 4, rate: float = 1.0, tokens: Optional[BlockTokens] = None
-                 ) -> Iterator[SynthSession]:
+def iter_bestofn(seed: int, *, n: int = 4, rate: float = 1.0, tokens: Optional[BlockTokens] = None,
+                 warmup: bool = False) -> Iterator[SynthSession]:
     """Best-of-n sampling: a few-shot prompt (one of 3 templates of 800–3000 tokens, then a
     unique question) sent ``n`` times at once (each sample a one-request session with its
     own completion, median 400 tokens), then 0–2 follow-up turns on one of the samples
-    (its own session). One group per second; a group's sessions are consecutive."""
+    (its own session). One group per second; a group's sessions are consecutive.
+    ``warmup``: as SGLang serves one request with ``n`` > 1 — the prompt first, alone and
+    decoding nothing (session ``.w``, no completion), then the samples (``nsampling``)."""
     seg = _Segments(tokens or BlockTokens())
     for i, rng, t0 in _starts("bestofn", seed, rate, "group"):
         k = rng.randrange(3)
@@ -345,6 +350,8 @@ def iter_bestofn(seed: int, *, n: int = 4, rate: float = 1.0, tokens: Optional[B
         prompt += seg("question", i, lognormal_int(rng, 200, 0.5, 50, 600))
         samples = [completion_tokens(f"bestofn:{seed}:{i}:{j}", lognormal_int(rng, 400, 0.5, 100, 1500))
                    for j in range(n)]
+        if warmup:
+            yield SynthSession(f"bestofn-{i}.w", prompt, [(t0, len(prompt), 0)], {"group": i})
         for j, comp in enumerate(samples):
             yield SynthSession(f"bestofn-{i}.{j}", prompt + comp, [(t0, len(prompt), len(comp))], {"group": i})
         follow = rng.randrange(3)
@@ -396,7 +403,7 @@ def iter_compaction(seed: int, *, every: int = 8, rate: float = 1.0, tokens: Opt
 
 
 OUTSIDE_SHAPES = {"multitenant": iter_multitenant, "bestofn": iter_bestofn, "docchat": iter_docchat,
-                  "compaction": iter_compaction}
+                  "compaction": iter_compaction, "nsampling": functools.partial(iter_bestofn, warmup=True)}
 
 
 # -------------------------------------------------------------------- mooncake

@@ -28,6 +28,7 @@ VARIANTS: dict[str, dict] = {
     "no-anchor": {"anchor_state": False},  # the default without the anchor state
     "no-anchor-prior": {"anchor_prior": False},  # an anchor not hit yet counts 0 evidence (the previous default)
     "anchor-2bits": {"anchor_bits": 2},  # the anchor at 2^k or 1.5 * 2^k: nearer the input's end
+    "no-prompt-end": {"prompt_end_state": False},  # a request that decodes nothing keeps its state at its end
     "internal-prior": {"internal_prior": True},  # every unproven internal state counts its class's share hit
     # the value rule's parts, one at a time
     "value-kv": {"value_kv_pool": "value"},  # the two pools' KV pool by value per byte too

@@ -6,7 +6,9 @@ MarconiMambaComponent (the SSM-state pool)
   * match: the branch point is the exact end of the KV match when it runs past
     the deepest SSM state ("exact"), or SGLang's checkpoint grid ("grid");
     with none, the request's anchor (the largest power of two within its
-    input, past its hit) takes its place (``anchor_state``);
+    input, past its hit) takes its place (``anchor_state``); a request that
+    decodes nothing keeps one state instead, one token before its input's end
+    (where a request with the same prompt resumes);
   * a hit stamps only the deepest matched node (the one whose state is used);
   * insert accepts ``mamba_value=None``: KV enters the tree without a state,
     which is how Marconi declines every state but its two per request;
@@ -34,9 +36,15 @@ from sglang.srt.mem_cache.unified_cache.components.base import (
 from sglang.srt.mem_cache.unified_cache.components.full import FullComponent
 from sglang.srt.mem_cache.unified_cache.components.mamba import MambaComponent
 
-from ..policy.admission import AdmissionReason, admits_input_end, anchor_position, branch_point
+from ..policy.admission import AdmissionReason, admits_input_end, anchor_position, branch_point, prompt_end_position
 from ..policy.utility import ScoredQueue
 
+
+def _prefill_only(req) -> bool:
+    """The request decodes nothing (``max_new_tokens`` 0): SGLang's warm-up request
+    before ``n > 1`` samples of one prompt, or a frontend ``fork``'s commit."""
+    params = getattr(req, "sampling_params", None)
+    return getattr(params, "max_new_tokens", None) == 0
 
 
 def _node_id(node) -> int:
@@ -67,7 +75,19 @@ class MarconiMambaComponent(MambaComponent):
                 mamba_branching_seqlen=branch_point(result.full_kv_hit_length, boundary, mode="exact")
             )
         req = getattr(params, "req", None)
-        if req is not None and st.config.anchor_state and not st.config.input_state_on(st.config.single_budget_gb is not None):
+        if req is None:
+            return result
+        # A request that decodes nothing keeps its last state one token before its input's
+        # end, where a request with the same prompt resumes (MarconiAdmission's plan): its
+        # prefill is cut there too (plugin.cut_chunk_at_prompt_end) and the state at its end
+        # is not kept (prepare_for_caching_req).
+        cfg = st.config
+        end = (prompt_end_position(len(req.origin_input_ids), boundary)
+               if cfg.prompt_end_state and cfg.branch_points == "exact" and _prefill_only(req) else None)
+        req.marconi_prompt_end = end
+        if end is not None and result.mamba_branching_seqlen == end:
+            result = result._replace(mamba_branching_seqlen=None)  # the last state's position, not a branch point
+        if st.config.anchor_state and not st.config.input_state_on(st.config.single_budget_gb is not None):
             # No branch point: the request's other state goes to its anchor
             # (checkpointed like a branch point; prepare_for_caching_req tells them apart).
             # With the input-end experiment on, that state is the input end's, as in
@@ -75,8 +95,15 @@ class MarconiMambaComponent(MambaComponent):
             req.marconi_anchor = None
             if result.mamba_branching_seqlen is None:
                 grid = self.mamba_checkpoint_grid if st.config.branch_points == "grid" else 1
-                req.marconi_anchor = anchor_position(len(req.origin_input_ids), boundary, grid, st.config.anchor_bits)
-                result = result._replace(mamba_branching_seqlen=req.marconi_anchor)
+                anchor = anchor_position(len(req.origin_input_ids), boundary, grid, st.config.anchor_bits)
+                if anchor is not None and end is not None and anchor >= end:
+                    anchor = None  # it would be the last state
+                req.marconi_anchor = anchor
+                result = result._replace(mamba_branching_seqlen=anchor)
+        if end is not None and (result.mamba_branching_seqlen is None or result.mamba_branching_seqlen >= end):
+            # no state before it: the prompt end is the request's first (and only) cut
+            req.marconi_anchor = None
+            result = result._replace(mamba_branching_seqlen=end)
         return result
 
     def refresh_lru(self, phase, node, root_node) -> None:
@@ -105,6 +132,7 @@ class MarconiMambaComponent(MambaComponent):
         if events is not None:
             events.state_gained(node)
         st.stamp(node)
+        output_ids = getattr(params, "marconi_output_ids", None)
         if not result.mamba_exist:
             node.marconi_hits = node.marconi_ihits = 0  # a new state: never hit yet
             reason = getattr(params, "marconi_reason", None)
@@ -113,9 +141,14 @@ class MarconiMambaComponent(MambaComponent):
             st.anchors_admitted += node.marconi_anchor
             if node.marconi_branch:
                 st.on_branch_admitted(node)
+            elif (reason is AdmissionReason.LAST_TOKEN and output_ids is not None and len(output_ids) == 0
+                  and st.config.prompt_end_state):
+                # A request that decoded nothing is sent to be continued from (SGLang's
+                # warm-up before n > 1 samples, a fork's commit): its state counts the
+                # fork it announces, as a branch point's.
+                node.marconi_branch = True
             if reason is not None:
                 st.counters.admitted[reason] += 1
-        output_ids = getattr(params, "marconi_output_ids", None)
         if output_ids is not None:
             st.request_ended(node, output_ids)
 
@@ -132,14 +165,30 @@ class MarconiMambaComponent(MambaComponent):
         if is_finished:
             insert_params.marconi_reason = AdmissionReason.LAST_TOKEN
             insert_params.marconi_output_ids = req.output_ids
-            return super().prepare_for_caching_req(req, insert_params, token_ids_len, is_finished)
+            cache_len = super().prepare_for_caching_req(req, insert_params, token_ids_len, is_finished)
+            end = self._prompt_end_held(req)
+            if end is not None:
+                # A request that decoded nothing already holds its state one token before
+                # its input's end: the insert stops there, finds that state, and the
+                # request's own slot (the state past it) is freed.
+                return min(cache_len, end)
+            return cache_len
         branch = getattr(req, "mamba_branching_seqlen", None)
         at = req.kv.mamba_last_track_seqlen if self.cache.enable_mamba_extra_buffer else token_ids_len
         reason = None
+        end = getattr(req, "marconi_prompt_end", None)
         if branch is not None and at == branch and not getattr(req, "marconi_branch_admitted", False):
             req.marconi_branch_admitted = True
-            anchor = getattr(req, "marconi_anchor", None) == branch
-            reason = AdmissionReason.ANCHOR if anchor else AdmissionReason.BRANCH_POINT
+            if end == branch:
+                req.marconi_prompt_end_admitted = True
+                reason = AdmissionReason.LAST_TOKEN
+            elif getattr(req, "marconi_anchor", None) == branch:
+                reason = AdmissionReason.ANCHOR
+            else:
+                reason = AdmissionReason.BRANCH_POINT
+        elif end is not None and at == end and not getattr(req, "marconi_prompt_end_admitted", False):
+            req.marconi_prompt_end_admitted = True  # the second cut (plugin.cut_chunk_at_prompt_end)
+            reason = AdmissionReason.LAST_TOKEN
         elif (self.marconi.config.input_state_on(self.marconi.config.single_budget_gb is not None)
               and not getattr(req, "marconi_input_admitted", False)):
             input_len = len(req.origin_input_ids)
@@ -152,6 +201,8 @@ class MarconiMambaComponent(MambaComponent):
             insert_params.mamba_value = None
             return None
         insert_params.marconi_reason = reason
+        if reason is AdmissionReason.LAST_TOKEN:
+            insert_params.marconi_output_ids = []  # its prompt end: it decodes nothing (commit_insert_component_data)
         pool = self.cache.req_to_token_pool
         mamba_pool = pool.mamba_pool
         if (
@@ -170,6 +221,23 @@ class MarconiMambaComponent(MambaComponent):
         scatter_states(state.conv, state.temporal, translate(req.kv.mamba_pool_idx.view(1)), translate(slot.view(1)))
         insert_params.mamba_value = slot.view(1)
         return token_ids_len
+
+    def _prompt_end_held(self, req) -> Optional[int]:
+        """For a finished request that decoded nothing: the position one token before its
+        input's end when the node its lock sits on ends there and holds a state (its own
+        checkpoint, or a hit on an earlier one); else None (the cut was not made: the
+        state at its end is donated, as for any request)."""
+        cfg = self.marconi.config
+        if not (cfg.prompt_end_state and cfg.branch_points == "exact" and _prefill_only(req)):
+            return None
+        end = len(req.origin_input_ids) - 1
+        node_id = getattr(req, "last_node", None)  # the locked node: in the tree
+        if end < 1 or node_id is None or req.kv.cache_protected_len != end:
+            return None
+        node = self.tree_core.node_by_id(node_id)
+        if node is self.tree_core.root_node or node.component_data[self.component_type].value is None:
+            return None
+        return end
 
     def redistribute_on_node_split(self, new_parent, child):
         super().redistribute_on_node_split(new_parent, child)

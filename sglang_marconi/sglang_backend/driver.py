@@ -111,7 +111,8 @@ class CacheDriver:
                 cfg = self.marconi.config
                 grid = self.cache.components[_mamba_ct()].mamba_checkpoint_grid
                 admission = MarconiAdmission(cfg.branch_points, grid, input_state=cfg.input_state_on(byte_budget is not None),
-                                             anchor=cfg.anchor_state, anchor_bits=cfg.anchor_bits)
+                                             anchor=cfg.anchor_state, anchor_bits=cfg.anchor_bits,
+                                             prompt_end=cfg.prompt_end_state)
             else:
                 admission = SGLangGridAdmission(self.cache.components[_mamba_ct()].mamba_checkpoint_grid)
         self.admission = admission
@@ -201,7 +202,8 @@ class CacheDriver:
         and back that leaves every count and leaf set as it was. O(path + blocks)
         per request instead of O(path x blocks). ``self.one_pass = False`` keeps the
         insert-per-checkpoint path (the reference the tests compare one pass with)."""
-        plan = self.admission.plan(len(input_ids), committed, hit, match.full_kv_hit_length)
+        plan = self.admission.plan(len(input_ids), committed, hit, match.full_kv_hit_length,
+                                   prefill_only=len(tokens) == len(input_ids))
         one_pass = (self.one_pass and isinstance(self.admission, BlockAdmission) and len(plan) > 1
                     and self._can_resume_insert() and self.built.mamba_allocator.available_size() >= len(plan))
         slots = self.built.mamba_allocator.alloc(len(plan)) if one_pass else None
