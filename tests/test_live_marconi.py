@@ -361,9 +361,12 @@ def test_sigterm_leaves_no_tuner_process_behind(model, tok, tmp_path):
         while not soak.background_pids(srv) and time.monotonic() < deadline:
             launch.generate(srv, tok(f"{SYSTEM} user: question number {i} about caches")["input_ids"], max_new_tokens=4)
             i += 1
-        assert soak.background_pids(srv), (i, srv.log_tail())
+        background = soak.background_pids(srv)  # the forkserver, then its workers
+        assert background, (i, srv.log_tail())
+        before = soak.describe_pids(soak.group_pids(srv))
         left = soak.sigterm_leftovers(srv)
-        assert left == [], ([(p, soak._ppid(p), soak._cmdline(p)[:120]) for p in left], srv.log_tail())
+        assert left == [], "\n".join(["left:", *soak.describe_pids(left), f"background before: {background}",
+                                       "session before:", *before, srv.log_tail()])
     finally:
         srv.stop()
 

@@ -391,6 +391,22 @@ def _ppid(pid: int) -> int:
         return -1
 
 
+def describe_pids(pids: List[int]) -> List[str]:
+    """One line per process: pid, parent, state, threads, what it waits in, command line."""
+    out = []
+    for pid in pids:
+        try:
+            status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":\t" in line)
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+        except OSError:
+            out.append(f"{pid}: gone")
+            continue
+        out.append(f"{pid} ppid={status.get('PPid', '?').strip()} state={status.get('State', '?').strip()} "
+                   f"threads={status.get('Threads', '?').strip()} wchan={wchan or '-'} {_cmdline(pid)[:160]}")
+    return out
+
+
 def background_pids(srv) -> List[int]:
     """The cache's background processes: the ``multiprocessing`` forkserver the server's
     scheduler started (SGLang titles it ``sglang::scheduler``) and the workers it forked

@@ -4,8 +4,9 @@ imported by the scheduler.
 The forkserver's parent is the scheduler. Every worker the forkserver forks starts
 waiting for that scheduler to exit right after the fork, before ``multiprocessing``
 re-imports the server's main module in it, and exits with it: a worker still starting
-does not outlive the server. (The forkserver itself exits once the scheduler and its
-workers have: they hold its pipe.)
+does not outlive the server. The forkserver waits for it too: it would otherwise exit
+only once every holder of its pipe had (the scheduler and each worker, including one
+the scheduler asked for just before it died).
 """
 
 import os
@@ -38,3 +39,4 @@ def _watch_scheduler() -> None:
 
 
 os.register_at_fork(after_in_child=_watch_scheduler)
+_watch_scheduler()  # in the forkserver itself (a fork copies only the forking thread)
