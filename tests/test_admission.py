@@ -379,7 +379,7 @@ def test_anchor_position_with_two_significant_bits(input_len, hit, expected):
     assert anchor_position(input_len, hit, 1, bits=1) == anchor_position(input_len, hit, 1)
 
 
-def test_a_request_that_decodes_nothing_keeps_one_state_where_its_samples_resume(make_marconi):
+def test_a_request_that_decodes_nothing_keeps_its_last_state_where_its_samples_resume(make_marconi):
     """SGLang's ``n > 1``: the prompt is first prefilled alone (no output), then the samples
     are sent. That first request keeps its last state at input - 1 instead of at its end
     (its branch point or anchor as any request's); each sample (which matches at most

@@ -248,9 +248,9 @@ def test_examples_run_and_report_cached_tokens(servers, runs, script, args, expe
 
 def test_parallel_samples_resume_one_token_before_the_prompt_end(servers):
     """``n > 1``: SGLang first prefills the prompt alone (a request that decodes nothing),
-    then sends the samples. That request keeps one state, one token before its input's
-    end, so every sample resumes there (without it, the first sample would resume at the
-    anchor, the largest power of two within the prompt). Greedy samples equal the
+    then sends the samples. That request keeps its last state one token before its
+    input's end, so every sample resumes there (at its end, the first sample would resume
+    at the anchor, the largest power of two within the prompt). Greedy samples equal the
     reference's."""
     ids = [(i * 37 + 11) % 500 + 5 for i in range(150)]  # a prompt no other test sends
     got = launch.generate(servers["marconi"], ids, max_new_tokens=NEW, n=3)

@@ -7,8 +7,8 @@ MarconiMambaComponent (the SSM-state pool)
     the deepest SSM state ("exact"), or SGLang's checkpoint grid ("grid");
     with none, the request's anchor (the largest power of two within its
     input, past its hit) takes its place (``anchor_state``); a request that
-    decodes nothing keeps one state instead, one token before its input's end
-    (where a request with the same prompt resumes);
+    decodes nothing keeps its last state one token before its input's end
+    (where a request with the same prompt resumes) instead of at its end;
   * a hit stamps only the deepest matched node (the one whose state is used);
   * insert accepts ``mamba_value=None``: KV enters the tree without a state,
     which is how Marconi declines every state but its two per request;
