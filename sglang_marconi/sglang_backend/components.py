@@ -40,11 +40,13 @@ from ..policy.admission import AdmissionReason, admits_input_end, anchor_positio
 from ..policy.utility import ScoredQueue
 
 
-def _prefill_only(req) -> bool:
-    """The request decodes nothing (``max_new_tokens`` 0): SGLang's warm-up request
-    before ``n > 1`` samples of one prompt, or a frontend ``fork``'s commit."""
+def _keeps_prompt_end(config, req) -> bool:
+    """The request decodes nothing (``max_new_tokens`` 0: SGLang's warm-up request before
+    ``n > 1`` samples of one prompt, or a frontend ``fork``'s commit), so its last state
+    goes one token before its input's end (exact branch points, ``prompt_end_state``)."""
     params = getattr(req, "sampling_params", None)
-    return getattr(params, "max_new_tokens", None) == 0
+    return (config.prompt_end_state and config.branch_points == "exact"
+            and getattr(params, "max_new_tokens", None) == 0)
 
 
 def _node_id(node) -> int:
@@ -81,9 +83,7 @@ class MarconiMambaComponent(MambaComponent):
         # end, where a request with the same prompt resumes (MarconiAdmission's plan): its
         # prefill is cut there too (plugin.cut_chunk_at_prompt_end) and the state at its end
         # is not kept (prepare_for_caching_req).
-        cfg = st.config
-        end = (prompt_end_position(len(req.origin_input_ids), boundary)
-               if cfg.prompt_end_state and cfg.branch_points == "exact" and _prefill_only(req) else None)
+        end = prompt_end_position(len(req.origin_input_ids), boundary) if _keeps_prompt_end(st.config, req) else None
         req.marconi_prompt_end = end
         if end is not None and result.mamba_branching_seqlen == end:
             result = result._replace(mamba_branching_seqlen=None)  # the last state's position, not a branch point
@@ -227,12 +227,11 @@ class MarconiMambaComponent(MambaComponent):
         input's end when the node its lock sits on ends there and holds a state (its own
         checkpoint, or a hit on an earlier one); else None (the cut was not made: the
         state at its end is donated, as for any request)."""
-        cfg = self.marconi.config
-        if not (cfg.prompt_end_state and cfg.branch_points == "exact" and _prefill_only(req)):
+        if not _keeps_prompt_end(self.marconi.config, req):
             return None
-        end = len(req.origin_input_ids) - 1
+        end = prompt_end_position(len(req.origin_input_ids), 0)
         node_id = getattr(req, "last_node", None)  # the locked node: in the tree
-        if end < 1 or node_id is None or req.kv.cache_protected_len != end:
+        if end is None or node_id is None or req.kv.cache_protected_len != end:
             return None
         node = self.tree_core.node_by_id(node_id)
         if node is self.tree_core.root_node or node.component_data[self.component_type].value is None:
